@@ -1,0 +1,346 @@
+"""The model artifact: the one format training writes and the server reads.
+
+An artifact is a directory::
+
+    manifest.json        format version, model version, vocabularies, counts,
+                         training params/metrics, sha256 of every other file
+    arrays/<name>.npy    one array per file (memory-mapped at load), see SCHEMA
+    index.faiss          FAISS index over item_embeddings (ids = item indexes)
+
+No pickle anywhere: string columns are fixed-width unicode arrays. A root
+directory may hold several versions; `LATEST` names the current one. This
+module imports numpy and faiss only (no torch, no grpc).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import json
+import os
+import shutil
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import faiss
+import numpy as np
+import numpy.typing as npt
+
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+INDEX_FILE = "index.faiss"
+LATEST = "LATEST"
+ARRAYS_DIR = "arrays"
+
+# Dimension symbols used in SCHEMA shapes:
+#   n items, d embedding dim, u users, h history length total, c countries,
+#   k categories, b brands, p price buckets, s segment list length,
+#   w = ceil(n / 64) words of a packed item bitmap.
+# Device rows follow RequestContext.Device (0 unspecified, 1 mobile, 2 tablet,
+# 3 desktop); country rows follow manifest country_codes plus one final row for
+# "unknown or unspecified country".
+SCHEMA: dict[str, tuple[str, tuple[str, ...]]] = {
+    # Catalog columns.
+    "item_ids": ("U", ("n",)),
+    "item_category": ("int32", ("n",)),  # leaf category index
+    "item_brand": ("int32", ("n",)),
+    "item_price": ("float64", ("n",)),  # in manifest base_currency
+    "item_in_stock": ("bool", ("n",)),
+    "item_country_bits": ("uint64", ("c", "w")),  # bit i of word j: item 64*j+i ships there
+    "category_parent": ("int32", ("k",)),  # -1 for a root category
+    # Model: items.
+    "item_embeddings": ("float32", ("n", "d")),
+    # Item tower for items unseen in training: category + brand + price bucket.
+    "item_tower_category": ("float32", ("k", "d")),
+    "item_tower_brand": ("float32", ("b", "d")),
+    "item_tower_price": ("float32", ("p", "d")),
+    "price_bucket_edges": ("float64", ("p-1",)),  # base currency, ascending
+    # Model: users and context. The query vector is
+    #   q = user_embeddings[u] + history_projection @ mean(item_embeddings[recent])
+    #       + context_device[device] + context_country[country]
+    # with absent parts contributing zero; score(i) = q . item_embeddings[i].
+    "user_ids": ("U", ("u",)),
+    "user_embeddings": ("float32", ("u", "d")),
+    "user_history_indptr": ("int64", ("u+1",)),
+    "user_history_items": ("int32", ("h",)),  # per user, oldest first
+    "history_projection": ("float32", ("d", "d")),
+    "context_device": ("float32", ("4", "d")),
+    "context_country": ("float32", ("c+1", "d")),
+    # Popularity: time-decayed interaction counts, catalog-wide and per segment.
+    "item_popularity": ("float32", ("n",)),
+    "segment_top_items": ("int32", ("c+1", "4", "s")),  # -1 pads short lists
+    "segment_top_scores": ("float32", ("c+1", "4", "s")),
+}
+
+
+class ArtifactError(Exception):
+    """The artifact is missing, corrupt, or not in a format this server reads."""
+
+
+@dataclass(frozen=True, slots=True)
+class Manifest:
+    """What manifest.json says about an artifact."""
+
+    format_version: int
+    model_version: str
+    created_at: str
+    dim: int
+    n_items: int
+    n_users: int
+    base_currency: str
+    currency_rates: dict[str, float]  # units of currency per 1 base unit
+    country_codes: tuple[str, ...]
+    category_names: tuple[str, ...]
+    brand_names: tuple[str, ...]
+    history_length: int  # recent items the query encoder reads
+    index_description: str
+    params: dict[str, Any]
+    metrics: dict[str, Any]
+    data_fingerprint: str
+    checksums: dict[str, str]
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "format_version": self.format_version,
+            "model_version": self.model_version,
+            "created_at": self.created_at,
+            "dim": self.dim,
+            "n_items": self.n_items,
+            "n_users": self.n_users,
+            "base_currency": self.base_currency,
+            "currency_rates": self.currency_rates,
+            "country_codes": list(self.country_codes),
+            "category_names": list(self.category_names),
+            "brand_names": list(self.brand_names),
+            "history_length": self.history_length,
+            "index_description": self.index_description,
+            "params": self.params,
+            "metrics": self.metrics,
+            "data_fingerprint": self.data_fingerprint,
+            "checksums": self.checksums,
+        }
+
+    @classmethod
+    def from_json(cls, raw: Mapping[str, Any]) -> Manifest:
+        version = raw.get("format_version")
+        if version != FORMAT_VERSION:
+            raise ArtifactError(
+                f"artifact format_version {version!r} is not supported "
+                f"(this server reads version {FORMAT_VERSION})"
+            )
+        try:
+            return cls(
+                format_version=int(raw["format_version"]),
+                model_version=str(raw["model_version"]),
+                created_at=str(raw["created_at"]),
+                dim=int(raw["dim"]),
+                n_items=int(raw["n_items"]),
+                n_users=int(raw["n_users"]),
+                base_currency=str(raw["base_currency"]),
+                currency_rates={str(k): float(v) for k, v in raw["currency_rates"].items()},
+                country_codes=tuple(str(c) for c in raw["country_codes"]),
+                category_names=tuple(str(c) for c in raw["category_names"]),
+                brand_names=tuple(str(b) for b in raw["brand_names"]),
+                history_length=int(raw["history_length"]),
+                index_description=str(raw["index_description"]),
+                params=dict(raw.get("params", {})),
+                metrics=dict(raw.get("metrics", {})),
+                data_fingerprint=str(raw.get("data_fingerprint", "")),
+                checksums={str(k): str(v) for k, v in raw["checksums"].items()},
+            )
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            raise ArtifactError(f"manifest.json is malformed: {exc!r}") from exc
+
+
+@dataclass(frozen=True, slots=True)
+class Artifact:
+    """A loaded artifact: manifest, arrays (memory-mapped), FAISS index."""
+
+    path: Path
+    manifest: Manifest
+    arrays: Mapping[str, npt.NDArray[Any]]
+    index: faiss.Index
+
+    def __getitem__(self, name: str) -> npt.NDArray[Any]:
+        return self.arrays[name]
+
+
+def _dims(manifest: Manifest, arrays: Mapping[str, npt.NDArray[Any]]) -> dict[str, int]:
+    n = manifest.n_items
+    c = len(manifest.country_codes)
+    return {
+        "n": n,
+        "d": manifest.dim,
+        "u": manifest.n_users,
+        "u+1": manifest.n_users + 1,
+        "h": int(arrays["user_history_items"].shape[0]),
+        "c": c,
+        "c+1": c + 1,
+        "k": len(manifest.category_names),
+        "b": len(manifest.brand_names),
+        "p": int(arrays["item_tower_price"].shape[0]),
+        "p-1": int(arrays["item_tower_price"].shape[0]) - 1,
+        "s": int(arrays["segment_top_items"].shape[-1]),
+        "w": (n + 63) // 64,
+        "4": 4,
+    }
+
+
+def validate_arrays(manifest: Manifest, arrays: Mapping[str, npt.NDArray[Any]]) -> None:
+    """Check every SCHEMA array is present with the right dtype and shape."""
+    missing = sorted(set(SCHEMA) - set(arrays))
+    if missing:
+        raise ArtifactError(f"artifact is missing arrays: {', '.join(missing)}")
+    dims = _dims(manifest, arrays)
+    for name, (dtype, shape) in SCHEMA.items():
+        arr = arrays[name]
+        kind_ok = arr.dtype.kind == "U" if dtype == "U" else arr.dtype == np.dtype(dtype)
+        if not kind_ok:
+            raise ArtifactError(f"array {name}: dtype {arr.dtype} is not {dtype}")
+        want = tuple(dims[s] for s in shape)
+        if arr.shape != want:
+            raise ArtifactError(f"array {name}: shape {arr.shape} is not {want} {shape}")
+    indptr = arrays["user_history_indptr"]
+    if indptr[0] != 0 or indptr[-1] != dims["h"] or np.any(np.diff(indptr) < 0):
+        raise ArtifactError("array user_history_indptr is not a valid CSR index pointer")
+    for name, bound in (
+        ("item_category", dims["k"]),
+        ("item_brand", dims["b"]),
+        ("user_history_items", dims["n"]),
+    ):
+        col = arrays[name]
+        if col.size and (int(col.min()) < 0 or int(col.max()) >= bound):
+            raise ArtifactError(f"array {name}: values outside [0, {bound})")
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as fh:
+        while chunk := fh.read(1 << 22):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def write_artifact(
+    root: Path,
+    *,
+    model_version: str,
+    dim: int,
+    base_currency: str,
+    currency_rates: Mapping[str, float],
+    country_codes: tuple[str, ...],
+    category_names: tuple[str, ...],
+    brand_names: tuple[str, ...],
+    history_length: int,
+    arrays: Mapping[str, npt.NDArray[Any]],
+    index: faiss.Index,
+    params: Mapping[str, Any] | None = None,
+    metrics: Mapping[str, Any] | None = None,
+    data_fingerprint: str = "",
+    make_latest: bool = True,
+) -> Path:
+    """Write a new artifact version under `root` and (by default) point LATEST at it.
+
+    The version directory appears atomically (written to a temp dir, renamed).
+    """
+    manifest = Manifest(
+        format_version=FORMAT_VERSION,
+        model_version=model_version,
+        created_at=dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        dim=dim,
+        n_items=int(arrays["item_ids"].shape[0]),
+        n_users=int(arrays["user_ids"].shape[0]),
+        base_currency=base_currency,
+        currency_rates=dict(currency_rates),
+        country_codes=country_codes,
+        category_names=category_names,
+        brand_names=brand_names,
+        history_length=history_length,
+        index_description=type(index).__name__,
+        params=dict(params or {}),
+        metrics=dict(metrics or {}),
+        data_fingerprint=data_fingerprint,
+        checksums={},
+    )
+    validate_arrays(manifest, arrays)
+    if index.ntotal != manifest.n_items or index.d != dim:
+        raise ArtifactError(
+            f"index holds {index.ntotal} vectors of dim {index.d}, "
+            f"expected {manifest.n_items} of dim {dim}"
+        )
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / model_version
+    if final.exists():
+        raise ArtifactError(f"artifact version {model_version} already exists in {root}")
+    tmp = root / f".{model_version}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    (tmp / ARRAYS_DIR).mkdir(parents=True)
+    checksums: dict[str, str] = {}
+    for name in sorted(arrays):
+        rel = f"{ARRAYS_DIR}/{name}.npy"
+        np.save(tmp / rel, np.ascontiguousarray(arrays[name]), allow_pickle=False)
+        checksums[rel] = _sha256(tmp / rel)
+    faiss.write_index(index, str(tmp / INDEX_FILE))
+    checksums[INDEX_FILE] = _sha256(tmp / INDEX_FILE)
+    body = manifest.to_json() | {"checksums": checksums}
+    (tmp / MANIFEST).write_text(json.dumps(body, indent=2, sort_keys=True) + "\n")
+    os.replace(tmp, final)
+    if make_latest:
+        set_latest(root, model_version)
+    return final
+
+
+def set_latest(root: Path, model_version: str) -> None:
+    """Atomically point root/LATEST at a version directory."""
+    tmp = root / f".{LATEST}.tmp"
+    tmp.write_text(model_version + "\n")
+    os.replace(tmp, root / LATEST)
+
+
+def resolve(path: Path) -> Path:
+    """The artifact directory for `path`: itself, or the version LATEST names."""
+    if (path / MANIFEST).is_file():
+        return path
+    latest = path / LATEST
+    if latest.is_file():
+        target = path / latest.read_text().strip()
+        if (target / MANIFEST).is_file():
+            return target
+        raise ArtifactError(f"{latest} names {target.name}, which has no {MANIFEST}")
+    raise ArtifactError(f"no artifact at {path}: neither {MANIFEST} nor {LATEST} found")
+
+
+def load_artifact(path: Path, *, verify_checksums: bool = True, mmap: bool = True) -> Artifact:
+    """Load and verify an artifact. Raises ArtifactError naming what is wrong."""
+    directory = resolve(path)
+    try:
+        raw = json.loads((directory / MANIFEST).read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ArtifactError(f"cannot read {directory / MANIFEST}: {exc}") from exc
+    manifest = Manifest.from_json(raw)
+    for rel, want in manifest.checksums.items():
+        file = directory / rel
+        if not file.is_file():
+            raise ArtifactError(f"artifact file {rel} is missing")
+        if verify_checksums and _sha256(file) != want:
+            raise ArtifactError(f"artifact file {rel} does not match its checksum")
+    arrays: dict[str, npt.NDArray[Any]] = {}
+    for file in sorted((directory / ARRAYS_DIR).glob("*.npy")):
+        try:
+            arrays[file.stem] = np.load(file, mmap_mode="r" if mmap else None, allow_pickle=False)
+        except (OSError, ValueError) as exc:
+            raise ArtifactError(f"cannot read array {file.name}: {exc}") from exc
+    validate_arrays(manifest, arrays)
+    try:
+        flags = faiss.IO_FLAG_MMAP | faiss.IO_FLAG_READ_ONLY if mmap else 0
+        index = faiss.read_index(str(directory / INDEX_FILE), flags)
+    except RuntimeError as exc:
+        raise ArtifactError(f"cannot read {INDEX_FILE}: {exc}") from exc
+    if index.ntotal != manifest.n_items or index.d != manifest.dim:
+        raise ArtifactError(
+            f"{INDEX_FILE} holds {index.ntotal} vectors of dim {index.d}, "
+            f"manifest says {manifest.n_items} of dim {manifest.dim}"
+        )
+    return Artifact(path=directory, manifest=manifest, arrays=arrays, index=index)

@@ -1,0 +1,83 @@
+"""The in-memory dataset every loader produces and every trainer consumes."""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+
+import numpy as np
+import numpy.typing as npt
+
+# Event types, in increasing order of intent.
+VIEW, ADD_TO_CART, PURCHASE = 0, 1, 2
+EVENT_TYPE_NAMES = ("view", "add_to_cart", "purchase")
+# Device codes follow RequestContext.Device in the proto.
+DEVICE_UNSPECIFIED, MOBILE, TABLET, DESKTOP = 0, 1, 2, 3
+DEVICE_NAMES = ("unspecified", "mobile", "tablet", "desktop")
+
+
+@dataclass(frozen=True)
+class Dataset:
+    """A store's catalog, shoppers and interaction log, columnar.
+
+    Items (n):
+        item_ids         str (n,)    the shop's item ids, unique
+        item_category    int32 (n,)  leaf category index into category_names
+        item_brand       int32 (n,)  index into brand_names
+        item_price       float64 (n,) price in base_currency, > 0
+        item_in_stock    bool (n,)
+        item_countries   bool (n, c) item is sold/shipped to country_codes[j]
+    category_parent      int32 (k,)  parent category index, -1 for roots
+    currency_rates       units of each currency per 1 base_currency unit
+                         (includes base_currency itself at 1.0)
+    Users (u):
+        user_ids         str (u,)
+        user_country     int16 (u,)  home country index
+        user_device      int8 (u,)   usual device (DEVICE_* code, 1..3)
+    Events (e), sorted by timestamp:
+        ev_user int32, ev_item int32, ev_ts int64 (unix seconds),
+        ev_type int8 (VIEW/ADD_TO_CART/PURCHASE), ev_device int8 (DEVICE_*),
+        ev_country int16 (country index)
+    """
+
+    name: str
+    item_ids: npt.NDArray[np.str_]
+    item_category: npt.NDArray[np.int32]
+    item_brand: npt.NDArray[np.int32]
+    item_price: npt.NDArray[np.float64]
+    item_in_stock: npt.NDArray[np.bool_]
+    item_countries: npt.NDArray[np.bool_]
+    category_names: tuple[str, ...]
+    category_parent: npt.NDArray[np.int32]
+    brand_names: tuple[str, ...]
+    country_codes: tuple[str, ...]
+    base_currency: str
+    currency_rates: dict[str, float]
+    user_ids: npt.NDArray[np.str_]
+    user_country: npt.NDArray[np.int16]
+    user_device: npt.NDArray[np.int8]
+    ev_user: npt.NDArray[np.int32]
+    ev_item: npt.NDArray[np.int32]
+    ev_ts: npt.NDArray[np.int64]
+    ev_type: npt.NDArray[np.int8]
+    ev_device: npt.NDArray[np.int8]
+    ev_country: npt.NDArray[np.int16]
+
+    @property
+    def n_items(self) -> int:
+        return int(self.item_ids.shape[0])
+
+    @property
+    def n_users(self) -> int:
+        return int(self.user_ids.shape[0])
+
+    @property
+    def n_events(self) -> int:
+        return int(self.ev_user.shape[0])
+
+    def fingerprint(self) -> str:
+        """sha256 over ids and events: identifies the training data in the manifest."""
+        digest = hashlib.sha256()
+        for arr in (self.item_ids, self.user_ids, self.ev_user, self.ev_item, self.ev_ts):
+            digest.update(np.ascontiguousarray(arr).tobytes())
+        return digest.hexdigest()[:16]
