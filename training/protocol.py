@@ -1,0 +1,295 @@
+"""The offline quality protocol (shared/eval/PROTOCOL.md): temporal split and evaluator."""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+import numpy.typing as npt
+
+Phase = Literal["valid", "test"]
+# Users batch (int64 user indexes) -> scores (batch, n_items); higher is better.
+ScoreFn = Callable[[npt.NDArray[np.int64]], npt.NDArray[np.floating]]
+
+# md5 of the TSV rendering of each part of the ML-100K split (PROTOCOL.md).
+PROTOCOL_MD5 = {
+    "train": "7d535f3fdcce7fe5368e7faabc780537",
+    "valid": "2c67a7b3119deeb8437143c70f9ef4a2",
+    "test": "d0d4eeb75a01ec15a4a84fb37a36ac56",
+}
+MIN_SPLIT_LENGTH = 5  # users with fewer interactions stay entirely in train
+DEFAULT_KS = (10, 50)
+
+
+@dataclass(frozen=True, slots=True)
+class Part:
+    """Interactions grouped by user (CSR), each user's rows in protocol order.
+
+    indptr      int64 (u+1,)  rows of user j are [indptr[j], indptr[j+1])
+    items       int32 (e,)    item indexes
+    timestamps  int64 (e,)    unix seconds
+    """
+
+    indptr: npt.NDArray[np.int64]
+    items: npt.NDArray[np.int32]
+    timestamps: npt.NDArray[np.int64]
+
+    def __len__(self) -> int:
+        return int(self.items.shape[0])
+
+    @property
+    def n_users(self) -> int:
+        return int(self.indptr.shape[0]) - 1
+
+    def lengths(self) -> npt.NDArray[np.int64]:
+        """Rows per user, int64 (u,)."""
+        return np.diff(self.indptr)
+
+    def users(self) -> npt.NDArray[np.int32]:
+        """The user index of every row, int32 (e,)."""
+        return np.repeat(np.arange(self.n_users, dtype=np.int32), self.lengths())
+
+    def row(self, user: int) -> npt.NDArray[np.int32]:
+        """The items of one user, oldest first."""
+        return self.items[self.indptr[user] : self.indptr[user + 1]]
+
+
+@dataclass(frozen=True, slots=True)
+class Split:
+    """A per-user temporal split over an explicit item universe.
+
+    user_ids  int64 (u,)  raw user ids, ascending; user index j is user_ids[j]
+    item_ids  int64 (n,)  raw item ids, ascending; item index i is item_ids[i]
+    train, valid, test    Part each over all u users
+    """
+
+    user_ids: npt.NDArray[np.int64]
+    item_ids: npt.NDArray[np.int64]
+    train: Part
+    valid: Part
+    test: Part
+
+    @property
+    def n_users(self) -> int:
+        return int(self.user_ids.shape[0])
+
+    @property
+    def n_items(self) -> int:
+        return int(self.item_ids.shape[0])
+
+    def history(self, phase: Phase) -> Part:
+        """What a model may read as input: train for valid, train + valid for test."""
+        if phase == "valid":
+            return self.train
+        return _concat(self.train, self.valid)
+
+    def ground_truth(self, phase: Phase) -> Part:
+        return self.valid if phase == "valid" else self.test
+
+    def train_counts(self) -> npt.NDArray[np.int64]:
+        """Train interactions per item, int64 (n,)."""
+        return np.bincount(self.train.items, minlength=self.n_items).astype(np.int64)
+
+
+def _concat(first: Part, second: Part) -> Part:
+    """Per user, the rows of `first` followed by the rows of `second`."""
+    lengths = first.lengths() + second.lengths()
+    indptr = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+    # Row r of `first` lands after the second-part rows of earlier users.
+    dest_first = np.arange(len(first)) + np.repeat(second.indptr[:-1], first.lengths())
+    dest_second = np.arange(len(second)) + np.repeat(first.indptr[1:], second.lengths())
+    items = np.empty(int(indptr[-1]), dtype=np.int32)
+    stamps = np.empty(int(indptr[-1]), dtype=np.int64)
+    items[dest_first], items[dest_second] = first.items, second.items
+    stamps[dest_first], stamps[dest_second] = first.timestamps, second.timestamps
+    return Part(indptr=indptr, items=items, timestamps=stamps)
+
+
+def temporal_split(
+    user_id: npt.NDArray[np.int64],
+    item_id: npt.NDArray[np.int64],
+    timestamp: npt.NDArray[np.int64],
+    item_ids: npt.NDArray[np.int64] | None = None,
+) -> Split:
+    """Split interactions per user by time, exactly as PROTOCOL.md says.
+
+    Each user's rows are sorted by (timestamp, item id as an integer); with n
+    rows, the last max(1, n // 10) are test, the max(1, n // 10) before them
+    valid, the rest train; users with n < 5 stay entirely in train. Items are
+    indexed over `item_ids` (default: the items that occur), ascending, so a
+    smaller index is a smaller item id.
+    """
+    user_id = np.asarray(user_id, dtype=np.int64)
+    item_id = np.asarray(item_id, dtype=np.int64)
+    timestamp = np.asarray(timestamp, dtype=np.int64)
+    if not user_id.shape == item_id.shape == timestamp.shape or user_id.ndim != 1:
+        raise ValueError("user_id, item_id and timestamp must be 1-d arrays of one length")
+    universe = np.unique(item_id if item_ids is None else np.asarray(item_ids, dtype=np.int64))
+    item_index = np.searchsorted(universe, item_id)
+    if np.any(item_index >= universe.shape[0]) or np.any(
+        universe[np.minimum(item_index, universe.shape[0] - 1)] != item_id
+    ):
+        raise ValueError("item_id holds ids that are not in item_ids")
+    user_ids, user_index = np.unique(user_id, return_inverse=True)
+    order = np.lexsort((item_id, timestamp, user_index))
+    users = user_index[order]
+    counts = np.bincount(users, minlength=user_ids.shape[0]).astype(np.int64)
+    n_hold = np.where(counts >= MIN_SPLIT_LENGTH, np.maximum(1, counts // 10), 0)
+    start = np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(np.int64)
+    pos = np.arange(order.shape[0], dtype=np.int64) - start[users]  # rank within user
+    n_train = (counts - 2 * n_hold)[users]
+    which = (pos >= n_train).astype(np.int8) + (pos >= n_train + n_hold[users]).astype(np.int8)
+    items = item_index[order].astype(np.int32)
+    stamps = timestamp[order]
+
+    def part(code: int) -> Part:
+        keep = which == code
+        lengths = np.bincount(users[keep], minlength=user_ids.shape[0])
+        indptr = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+        return Part(indptr=indptr, items=items[keep], timestamps=stamps[keep])
+
+    return Split(
+        user_ids=user_ids.astype(np.int64),
+        item_ids=universe,
+        train=part(0),
+        valid=part(1),
+        test=part(2),
+    )
+
+
+def part_tsv(split: Split, part: Part) -> bytes:
+    """The TSV rendering PROTOCOL.md fingerprints: raw ids, integer timestamps."""
+    users = split.user_ids[part.users()]
+    items = split.item_ids[part.items]
+    lines = ["user_id\titem_id\ttimestamp\n"]
+    lines.extend(
+        f"{u}\t{i}\t{t}\n"
+        for u, i, t in zip(users.tolist(), items.tolist(), part.timestamps.tolist(), strict=True)
+    )
+    return "".join(lines).encode("ascii")
+
+
+def fingerprints(split: Split) -> dict[str, str]:
+    """md5 of each part's TSV; equal to PROTOCOL_MD5 for the protocol's ML-100K split."""
+    return {
+        name: hashlib.md5(part_tsv(split, part), usedforsecurity=False).hexdigest()
+        for name, part in (("train", split.train), ("valid", split.valid), ("test", split.test))
+    }
+
+
+def seen_mask(part: Part, users: npt.NDArray[np.int64], n_items: int) -> npt.NDArray[np.bool_]:
+    """bool (len(users), n_items): True where the user has a row in `part`."""
+    mask = np.zeros((users.shape[0], n_items), dtype=np.bool_)
+    lo, hi = part.indptr[users], part.indptr[users + 1]
+    counts = hi - lo
+    rows = np.repeat(np.arange(users.shape[0]), counts)
+    offsets = np.repeat(lo - (np.cumsum(counts) - counts), counts)
+    cols = part.items[np.arange(rows.shape[0]) + offsets]
+    mask[rows, cols] = True
+    return mask
+
+
+def top_k(
+    scores: npt.NDArray[np.floating], exclude: npt.NDArray[np.bool_], k: int
+) -> npt.NDArray[np.int64]:
+    """(item_ids) the top-k candidates per row: score descending, ties by smaller index.
+
+    scores float (b, n), exclude bool (b, n). Returns int64 (b, k); -1 pads
+    rows with fewer than k candidates.
+    """
+    masked = np.where(exclude, -np.inf, scores.astype(np.float64))
+    # A stable sort keeps equal scores in index order: ties go to the smaller id.
+    order = np.argsort(-masked, axis=1, kind="stable")[:, :k]
+    taken = np.take_along_axis(exclude, order, axis=1)
+    return np.where(taken, -1, order).astype(np.int64)
+
+
+def _popularity_percentile(counts: npt.NDArray[np.int64]) -> npt.NDArray[np.float64]:
+    """Mid-rank percentile of each item's train count: 0 least, 1 most popular."""
+    n = counts.shape[0]
+    sorted_counts = np.sort(counts)
+    below = np.searchsorted(sorted_counts, counts, side="left")
+    equal = np.searchsorted(sorted_counts, counts, side="right") - below
+    result: npt.NDArray[np.float64] = (below + 0.5 * (equal - 1)) / max(n - 1, 1)
+    return result
+
+
+def evaluate(
+    score: ScoreFn,
+    split: Split,
+    phase: Phase,
+    ks: Sequence[int] = DEFAULT_KS,
+    batch_size: int = 256,
+) -> dict[str, float]:
+    """Full-ranking metrics of `score` on one phase, as PROTOCOL.md defines them.
+
+    Candidates are all items minus the user's history (train for valid, train +
+    valid for test); ground truth is the phase's items. Means are over users
+    with at least one ground-truth item. Per K: recall@K, ndcg@K, hit@K;
+    coverage@K (distinct recommended items / n_items) and pop_pct@K (mean
+    train-popularity percentile of recommended items, 1 = most popular).
+    """
+    if not ks or min(ks) < 1:
+        raise ValueError(f"ks must be positive, got {tuple(ks)}")
+    history, truth = split.history(phase), split.ground_truth(phase)
+    users = np.flatnonzero(truth.lengths() > 0).astype(np.int64)
+    n_items, max_k = split.n_items, max(ks)
+    pop_pct = _popularity_percentile(split.train_counts())
+    discount = 1.0 / np.log2(np.arange(2, max_k + 2, dtype=np.float64))
+    ideal = np.cumsum(discount)
+    sums: dict[str, float] = {}
+    recommended = {k: np.zeros(n_items, dtype=np.bool_) for k in ks}
+    pop_sum = dict.fromkeys(ks, 0.0)
+    pop_count = dict.fromkeys(ks, 0)
+    for lo in range(0, users.shape[0], batch_size):
+        batch = users[lo : lo + batch_size]
+        scores = np.asarray(score(batch))
+        if scores.shape != (batch.shape[0], n_items):
+            raise ValueError(
+                f"score must return shape ({batch.shape[0]}, {n_items}), got {scores.shape}"
+            )
+        if np.isnan(scores).any():
+            raise ValueError("score returned NaN")
+        top = top_k(scores, seen_mask(history, batch, n_items), max_k)
+        valid_slot = top >= 0
+        gt = seen_mask(truth, batch, n_items)
+        hits = np.take_along_axis(gt, np.maximum(top, 0), axis=1) & valid_slot
+        n_truth = truth.lengths()[batch].astype(np.float64)
+        for k in ks:
+            hk = hits[:, :k]
+            n_hit = hk.sum(axis=1)
+            dcg = (hk * discount[:k]).sum(axis=1)
+            idcg = ideal[np.minimum(n_truth, k).astype(np.int64) - 1]
+            for name, values in (
+                (f"recall@{k}", n_hit / n_truth),
+                (f"ndcg@{k}", dcg / idcg),
+                (f"hit@{k}", (n_hit > 0).astype(np.float64)),
+            ):
+                sums[name] = sums.get(name, 0.0) + float(values.sum())
+            slots = top[:, :k][valid_slot[:, :k]]
+            recommended[k][slots] = True
+            pop_sum[k] += float(pop_pct[slots].sum())
+            pop_count[k] += int(slots.shape[0])
+    n_users = max(int(users.shape[0]), 1)
+    result = {name: total / n_users for name, total in sums.items()}
+    for k in ks:
+        result[f"coverage@{k}"] = float(recommended[k].sum()) / n_items
+        result[f"pop_pct@{k}"] = pop_sum[k] / max(pop_count[k], 1)
+    return dict(sorted(result.items(), key=lambda kv: _metric_order(kv[0])))
+
+
+def _metric_order(name: str) -> tuple[int, int]:
+    metric, k = name.split("@")
+    names = ("recall", "ndcg", "hit", "coverage", "pop_pct")
+    return names.index(metric), int(k)
+
+
+def mean_std(values: Sequence[float]) -> dict[str, float]:
+    """{mean, std} with the sample standard deviation (ddof=1; 0 for one value)."""
+    arr = np.asarray(values, dtype=np.float64)
+    std = float(arr.std(ddof=1)) if arr.shape[0] > 1 else 0.0
+    return {"mean": float(arr.mean()), "std": std if math.isfinite(std) else 0.0}
