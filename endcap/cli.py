@@ -1,2 +1,154 @@
-def main() -> None:
-    print("hi")
+"""The `endcap` command: demo, train, serve."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from server.infra.logging import configure as configure_logging
+from server.infra.settings import Settings, SettingsError
+
+
+def _serve_settings(args: argparse.Namespace) -> Settings:
+    return Settings.from_env(
+        os.environ,
+        artifacts=args.artifacts,
+        host=args.host,
+        port=args.port,
+        metrics_port=args.metrics_port,
+        log_level=args.log_level,
+    )
+
+
+def _add_serve_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--artifacts", type=Path, help="artifact directory (or root with LATEST) [ENDCAP_ARTIFACTS]"
+    )
+    p.add_argument("--host", help="address to bind (default 127.0.0.1) [ENDCAP_HOST]")
+    p.add_argument("--port", type=int, help="gRPC port (default 50051) [ENDCAP_PORT]")
+    p.add_argument(
+        "--metrics-port",
+        type=int,
+        help="Prometheus port, 0 = off (default 9100) [ENDCAP_METRICS_PORT]",
+    )
+    p.add_argument("--log-level", help="DEBUG, INFO, WARNING or ERROR [ENDCAP_LOG_LEVEL]")
+
+
+def _add_train_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--items", type=int, default=50_000, help="synthetic catalog size")
+    p.add_argument("--users", type=int, default=20_000, help="synthetic shoppers")
+    p.add_argument("--events", type=int, default=1_000_000, help="synthetic interactions")
+    p.add_argument(
+        "--epochs", type=int, default=None, help="training epochs (default: TrainConfig)"
+    )
+    p.add_argument("--dim", type=int, default=64, help="embedding dimension")
+    p.add_argument("--seed", type=int, default=0, help="random seed for data and training")
+
+
+def _train(args: argparse.Namespace, out: Path) -> Path:
+    from training.pipeline import train_and_export
+    from training.synthetic import StoreConfig
+    from training.train import TrainConfig
+
+    store = StoreConfig(
+        n_items=args.items, n_users=args.users, n_events=args.events, seed=args.seed
+    )
+    overrides = {"dim": args.dim, "seed": args.seed}
+    if args.epochs is not None:
+        overrides["epochs"] = args.epochs
+    return train_and_export(out, store, TrainConfig(**overrides))
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    path = _train(args, args.out)
+    print(f"artifact written to {path}")
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from server.app import serve
+
+    try:
+        settings = _serve_settings(args)
+    except SettingsError as exc:
+        print(f"endcap serve: {exc}", file=sys.stderr)
+        return 2
+    configure_logging(settings.log_level)
+    return asyncio.run(serve(settings))
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from endcap.demo import run_demo
+    from server.artifact import ArtifactError, resolve
+
+    root: Path = args.artifacts or Path("artifacts")
+    try:
+        existing = None if args.retrain else resolve(root)
+    except ArtifactError:
+        existing = None
+    if existing is None:
+        print(f"Training on the synthetic store ({args.items:,} items, {args.events:,} events)…")
+        _train(args, root)
+    else:
+        print(f"Reusing the trained artifact {existing} (pass --retrain to train again)")
+    args.artifacts = root
+    try:
+        settings = _serve_settings(args)
+    except SettingsError as exc:
+        print(f"endcap demo: {exc}", file=sys.stderr)
+        return 2
+    configure_logging(settings.log_level)
+    return asyncio.run(run_demo(settings, keep_serving=not args.no_wait))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="endcap", description="Recommendation microservice for online stores."
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    demo = sub.add_parser(
+        "demo",
+        help="train on the synthetic store, serve, and show recommendations",
+        description="Train on the built-in synthetic store (unless an artifact exists), start the "
+        "server, print recommendations for contrasting shoppers, then keep serving until Ctrl-C.",
+    )
+    _add_serve_flags(demo)
+    _add_train_flags(demo)
+    demo.add_argument("--retrain", action="store_true", help="train even if an artifact exists")
+    demo.add_argument("--no-wait", action="store_true", help="exit after the sample calls")
+    demo.set_defaults(func=cmd_demo)
+
+    train = sub.add_parser(
+        "train",
+        help="train on the synthetic store and write an artifact",
+        description="Generate the synthetic store, train the two-tower model, build the FAISS "
+        "index and write a new artifact version under --out (LATEST points at it).",
+    )
+    train.add_argument("--out", type=Path, default=Path("artifacts"), help="artifact root")
+    _add_train_flags(train)
+    train.set_defaults(func=cmd_train)
+
+    serve = sub.add_parser(
+        "serve",
+        help="serve an artifact over gRPC",
+        description="Serve Recommend, Rerank and SimilarItems over gRPC, with health, "
+        "reflection and Prometheus metrics. Flags override ENDCAP_* environment variables.",
+    )
+    _add_serve_flags(serve)
+    serve.set_defaults(func=cmd_serve)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    code: int = args.func(args)
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -313,7 +313,11 @@ def resolve(path: Path) -> Path:
 
 
 def load_artifact(path: Path, *, verify_checksums: bool = True, mmap: bool = True) -> Artifact:
-    """Load and verify an artifact. Raises ArtifactError naming what is wrong."""
+    """Load and verify an artifact. Raises ArtifactError naming what is wrong.
+
+    With `mmap`, arrays are memory-mapped read-only: pages are shared between
+    serving processes on one host and loaded on first touch.
+    """
     directory = resolve(path)
     try:
         raw = json.loads((directory / MANIFEST).read_text())
@@ -334,8 +338,9 @@ def load_artifact(path: Path, *, verify_checksums: bool = True, mmap: bool = Tru
             raise ArtifactError(f"cannot read array {file.name}: {exc}") from exc
     validate_arrays(manifest, arrays)
     try:
-        flags = faiss.IO_FLAG_MMAP | faiss.IO_FLAG_READ_ONLY if mmap else 0
-        index = faiss.read_index(str(directory / INDEX_FILE), flags)
+        # Read the index into memory: a memory-mapped IVF becomes OnDiskInvertedLists,
+        # whose searches measured 25x slower here (1 ms vs 40 us at 60k items).
+        index = faiss.read_index(str(directory / INDEX_FILE))
     except RuntimeError as exc:
         raise ArtifactError(f"cannot read {INDEX_FILE}: {exc}") from exc
     if index.ntotal != manifest.n_items or index.d != manifest.dim:

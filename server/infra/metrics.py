@@ -1,0 +1,85 @@
+"""Prometheus metrics: defined here, recorded by the interceptor and the search call.
+
+Names follow Prometheus conventions (base units, `_total` counters). Labels are
+bounded sets (method, code, plan, provenance); never ids.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import (
+    REGISTRY,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    Info,
+    disable_created_metrics,
+)
+
+# Fine enough to see 25 us .. 10 ms, with a tail up to a second.
+LATENCY_BUCKETS_S = (
+    25e-6, 50e-6, 75e-6, 100e-6, 150e-6, 200e-6, 300e-6, 400e-6, 500e-6, 750e-6,
+    1e-3, 1.5e-3, 2e-3, 3e-3, 5e-3, 7.5e-3, 10e-3, 25e-3, 50e-3, 100e-3, 250e-3, 1.0,
+)  # fmt: skip
+
+
+class Metrics:
+    """All of endcap's series, registered in one registry."""
+
+    def __init__(self, registry: CollectorRegistry = REGISTRY) -> None:
+        self.registry = registry
+        self.requests = Counter(
+            "endcap_grpc_requests_total",
+            "gRPC requests handled, by method and status code.",
+            ["method", "code"],
+            registry=registry,
+        )
+        self.handling = Histogram(
+            "endcap_grpc_handling_seconds",
+            "Server-side handler time (after deserialisation, before serialisation).",
+            ["method"],
+            buckets=LATENCY_BUCKETS_S,
+            registry=registry,
+        )
+        self.retrieval = Histogram(
+            "endcap_retrieval_seconds",
+            "Time in the retrieval plan chosen for a request (filter, search, rank).",
+            ["plan"],
+            buckets=LATENCY_BUCKETS_S,
+            registry=registry,
+        )
+        self.items_served = Counter(
+            "endcap_items_served_total",
+            "Items returned, by the pipeline stage that produced them.",
+            ["provenance"],
+            registry=registry,
+        )
+        self.catalog_items = Gauge(
+            "endcap_catalog_items", "Items in the served catalog.", registry=registry
+        )
+        self.model_info = Info(
+            "endcap_model", "The model artifact being served.", registry=registry
+        )
+        self.model_loaded = Gauge(
+            "endcap_model_loaded_timestamp_seconds",
+            "Unix time the served artifact was loaded.",
+            registry=registry,
+        )
+        self.model_created = Gauge(
+            "endcap_model_created_timestamp_seconds",
+            "Unix time the served artifact was built (alert on model age).",
+            registry=registry,
+        )
+
+
+_default: Metrics | None = None
+
+
+def default_metrics() -> Metrics:
+    """The process-wide Metrics in the default registry (created on first use)."""
+    global _default
+    if _default is None:
+        # `_created` series double the exposition and no dashboard reads them.
+        disable_created_metrics()
+        _default = Metrics()
+    return _default

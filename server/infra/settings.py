@@ -1,0 +1,88 @@
+"""Server configuration: defaults < ENDCAP_* environment < CLI flags, frozen at startup."""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+ENV_PREFIX = "ENDCAP_"
+
+
+class SettingsError(ValueError):
+    """A configuration value is invalid; the message names the variable."""
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    """Everything the server reads at startup. Built once; never mutated."""
+
+    artifacts: Path = Path("artifacts")
+    host: str = "127.0.0.1"
+    port: int = 50051
+    metrics_port: int = 9100  # 0 disables the metrics HTTP endpoint
+    omp_threads: int = 1  # FAISS OpenMP threads per search; >1 oversubscribes pool threads
+    pool_threads: int = 2  # threads for work too long to run on the event loop
+    exact_scan_max_items: int = 20_000  # fewer passing items than this: exact scan
+    ann_min_nprobe: int = 8
+    ann_overfetch: float = 1.5  # fetch k * this from ANN, then mask and truncate
+    grace_s: float = 5.0  # drain time for in-flight requests on SIGTERM
+    verify_checksums: bool = True
+    max_message_bytes: int = 4 * 1024 * 1024
+    log_level: str = "INFO"
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str], **overrides: Any) -> Settings:
+        """Defaults, then ENDCAP_<FIELD> variables, then non-None `overrides`."""
+        values: dict[str, Any] = {}
+        for field in dataclasses.fields(cls):
+            name = ENV_PREFIX + field.name.upper()
+            if name in environ:
+                values[field.name] = _parse(name, environ[name], _PARSERS[field.name])
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        settings = cls(**values)
+        settings.check()
+        return settings
+
+    def check(self) -> None:
+        """Raise SettingsError naming the first invalid value."""
+        for name in ("port", "metrics_port"):
+            value = getattr(self, name)
+            if not 0 <= value <= 65535:
+                raise SettingsError(f"{name} must be in [0, 65535], got {value}")
+        for name in ("omp_threads", "pool_threads", "exact_scan_max_items", "ann_min_nprobe"):
+            if getattr(self, name) < 1:
+                raise SettingsError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.ann_overfetch < 1.0:
+            raise SettingsError(f"ann_overfetch must be >= 1.0, got {self.ann_overfetch}")
+        if self.grace_s < 0:
+            raise SettingsError(f"grace_s must be >= 0, got {self.grace_s}")
+        if self.log_level.upper() not in {"DEBUG", "INFO", "WARNING", "ERROR"}:
+            raise SettingsError(
+                f"log_level must be DEBUG, INFO, WARNING or ERROR, got {self.log_level}"
+            )
+
+
+def _parse_bool(raw: str) -> bool:
+    lowered = raw.strip().lower()
+    if lowered in {"1", "true", "yes", "on"}:
+        return True
+    if lowered in {"0", "false", "no", "off"}:
+        return False
+    raise ValueError("expected one of true/false/1/0/yes/no/on/off")
+
+
+_PARSERS: dict[str, Callable[[str], Any]] = {
+    name: {int: int, float: float, bool: _parse_bool, Path: Path}.get(hint, str)
+    for name, hint in typing.get_type_hints(Settings).items()
+}
+
+
+def _parse(name: str, raw: str, parser: Callable[[str], Any]) -> Any:
+    try:
+        return parser(raw)
+    except ValueError as exc:
+        raise SettingsError(f"{name}={raw!r} is invalid: {exc}") from exc
