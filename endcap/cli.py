@@ -1,4 +1,4 @@
-"""The `endcap` command: demo, train, serve."""
+"""The `endcap` command: demo, train, serve, health."""
 
 from __future__ import annotations
 
@@ -105,6 +105,24 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return asyncio.run(run_demo(settings, keep_serving=not args.no_wait))
 
 
+def cmd_health(args: argparse.Namespace) -> int:
+    """Exit 0 if the server at --target reports SERVING (container health checks)."""
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    with grpc.insecure_channel(args.target) as channel:
+        try:
+            reply = health_pb2_grpc.HealthStub(channel).Check(
+                health_pb2.HealthCheckRequest(service=args.service), timeout=args.timeout
+            )
+        except grpc.RpcError as exc:
+            print(f"{args.target}: {exc.code().name}", file=sys.stderr)
+            return 1
+    status = health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
+    print(f"{args.target}: {status}")
+    return 0 if reply.status == health_pb2.HealthCheckResponse.SERVING else 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="endcap", description="Recommendation microservice for online stores."
@@ -141,6 +159,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_serve_flags(serve)
     serve.set_defaults(func=cmd_serve)
+
+    health = sub.add_parser(
+        "health",
+        help="check a server's gRPC health",
+        description="Call grpc.health.v1.Health/Check; exit 0 only if SERVING.",
+    )
+    health.add_argument("--target", default="127.0.0.1:50051", help="host:port")
+    health.add_argument("--service", default="endcap.v1.Recommender", help="service name")
+    health.add_argument("--timeout", type=float, default=2.0, help="seconds")
+    health.set_defaults(func=cmd_health)
     return parser
 
 
