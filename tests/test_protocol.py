@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import math
+import subprocess
+import sys
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
@@ -21,6 +24,15 @@ from training.protocol import (
     mean_std,
     temporal_split,
     top_k,
+)
+from training.sequential import (
+    NUM_HEADS,
+    SeqConfig,
+    SequentialModel,
+    encode_sequence,
+    init_weights,
+    left_padded,
+    torch_forward,
 )
 
 
@@ -231,3 +243,59 @@ def test_ease_recovers_co_occurrence() -> None:
     split = _split(train=train, valid=[[2]] * 5, test=[[3]] * 5, n=4)
     scores = EASE.fit(split, l2=0.1).scorer(split.train)(np.array([4], dtype=np.int64))
     assert int(np.argmax(scores[0])) == 1
+
+
+# ---- sequential encoder -----------------------------------------------------
+
+
+def _random_weights(n_items: int, config: SeqConfig, seed: int) -> dict[str, npt.NDArray[Any]]:
+    # Non-trivial values everywhere (not the identity LN / zero-bias init).
+    rng = np.random.default_rng(seed)
+    weights = init_weights(n_items, config, seed)
+    for name, value in weights.items():
+        if name != NUM_HEADS:
+            weights[name] = rng.normal(0.0, 0.5, value.shape).astype(np.float32)
+    return weights
+
+
+@pytest.mark.parametrize("heads", [1, 2])
+def test_numpy_encoder_matches_torch(heads: int) -> None:
+    torch = pytest.importorskip("torch")
+    config = SeqConfig(dim=8, layers=2, heads=heads, inner=16, max_len=5)
+    n_items = 7
+    weights = _random_weights(n_items, config, seed=heads)
+    assert {k: v.shape for k, v in weights.items()} == config.shapes(n_items)
+    rng = np.random.default_rng(0)
+    seqs = [rng.permutation(n_items)[:k] for k in (0, 1, 3, 5, 7)] + [rng.integers(0, 7, 12)]
+    history = _part([s.tolist() for s in seqs])
+    users = np.arange(len(seqs), dtype=np.int64)
+    inputs = torch.from_numpy(left_padded(history, users, config.max_len))
+    params = {k: torch.from_numpy(v) for k, v in weights.items()}
+    with torch.no_grad():
+        expected = torch_forward(params, inputs)[:, -1].numpy()
+    got = np.stack([encode_sequence(weights, s) for s in seqs])
+    np.testing.assert_allclose(got, expected, atol=1e-4, rtol=0)
+    # Only the last max_len items matter.
+    np.testing.assert_allclose(
+        encode_sequence(weights, seqs[-1]), encode_sequence(weights, seqs[-1][-5:]), atol=1e-6
+    )
+
+
+def test_sequential_module_imports_without_torch() -> None:
+    code = "import sys, training.sequential; sys.exit('torch' in sys.modules)"
+    root = Path(__file__).resolve().parents[1]
+    proc = subprocess.run([sys.executable, "-c", code], cwd=root, check=False)
+    assert proc.returncode == 0, "importing training.sequential loaded torch"
+
+
+def test_sequential_model_scores_are_dot_products() -> None:
+    config = SeqConfig(dim=8, layers=1, heads=2, inner=16, max_len=4)
+    weights = _random_weights(6, config, seed=3)
+    model = SequentialModel(
+        weights=weights, config=config, best_epoch=0, valid_ndcg10=0.0, train_s=0.0
+    )
+    history = _part([[0, 1, 2], [], [5, 4, 3, 2, 1]])
+    scores = model.scorer(history)(np.array([2, 0], dtype=np.int64))
+    user = encode_sequence(weights, np.array([5, 4, 3, 2, 1]))
+    np.testing.assert_allclose(scores[0], weights["item_embeddings"] @ user, rtol=1e-5)
+    assert scores.shape == (2, 6)

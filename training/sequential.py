@@ -1,0 +1,426 @@
+"""SASRec-style sequential recommender: trained in torch, user side encoded in numpy.
+
+The user vector is a causal transformer's output at the most recent of the
+user's last `max_len` items; a score is its dot product with a row of
+`item_embeddings` (the same table embeds the input items), so FAISS
+inner-product search serves it. `encode_sequence` is the numpy forward pass
+the server runs; importing this module does not import torch (training
+functions import it when called).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import numpy.typing as npt
+
+from training.protocol import Part, ScoreFn, Split, evaluate
+
+if TYPE_CHECKING:
+    import torch
+
+logger = logging.getLogger(__name__)
+
+LN_EPS = 1e-5
+# Weight names. Per layer i the block is pre-LN:
+#   x += out(attention(ln1(x)));  x += fc2(gelu_tanh(fc1(ln2(x))))
+ITEM_EMBEDDINGS = "item_embeddings"  # (n, d) input and output item table
+POSITION = "seq_position"  # (L, d); row L-1 is the most recent item
+NUM_HEADS = "seq_num_heads"  # int64 ()
+FINAL_LN_WEIGHT, FINAL_LN_BIAS = "seq_final_ln.weight", "seq_final_ln.bias"  # (d,)
+_LAYER_SHAPES: dict[str, tuple[str, ...]] = {
+    "ln1.weight": ("d",),
+    "ln1.bias": ("d",),
+    "qkv.weight": ("3d", "d"),  # rows: query, key, value projections
+    "qkv.bias": ("3d",),
+    "out.weight": ("d", "d"),
+    "out.bias": ("d",),
+    "ln2.weight": ("d",),
+    "ln2.bias": ("d",),
+    "fc1.weight": ("f", "d"),
+    "fc1.bias": ("f",),
+    "fc2.weight": ("d", "f"),
+    "fc2.bias": ("d",),
+}
+
+
+def layer_key(layer: int, name: str) -> str:
+    """The weight name of one block parameter, e.g. seq_layer0.qkv.weight."""
+    return f"seq_layer{layer}.{name}"
+
+
+@dataclass(frozen=True, slots=True)
+class SeqConfig:
+    """Architecture and training hyper-parameters (defaults tuned on ML-100K valid)."""
+
+    dim: int = 64
+    layers: int = 2
+    heads: int = 2
+    inner: int = 256
+    max_len: int = 50
+    dropout: float = 0.3  # embeddings, residual branches and attention weights
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    batch_size: int = 128
+    max_epochs: int = 200
+    patience: int = 10  # epochs without a better valid NDCG@10
+    target_window: int = 1  # each position predicts the next `target_window` items
+    mask_seen: bool = False  # drop already-seen items from each position's softmax
+    init_std: float = 0.02
+    threads: int = 2
+
+    def shapes(self, n_items: int) -> dict[str, tuple[int, ...]]:
+        """Every exported weight name and its shape."""
+        dims = {"d": self.dim, "3d": 3 * self.dim, "f": self.inner}
+        out: dict[str, tuple[int, ...]] = {
+            ITEM_EMBEDDINGS: (n_items, self.dim),
+            POSITION: (self.max_len, self.dim),
+            NUM_HEADS: (),
+            FINAL_LN_WEIGHT: (self.dim,),
+            FINAL_LN_BIAS: (self.dim,),
+        }
+        for i in range(self.layers):
+            for name, shape in _LAYER_SHAPES.items():
+                out[layer_key(i, name)] = tuple(dims[s] for s in shape)
+        return out
+
+
+def init_weights(n_items: int, config: SeqConfig, seed: int) -> dict[str, npt.NDArray[Any]]:
+    """Random initial weights: normal(0, init_std) matrices, LN at identity, zero biases."""
+    if config.dim % config.heads:
+        raise ValueError(f"dim must be divisible by heads, got {config.dim} and {config.heads}")
+    rng = np.random.default_rng(seed)
+    out: dict[str, npt.NDArray[Any]] = {}
+    for name, shape in config.shapes(n_items).items():
+        if name == NUM_HEADS:
+            out[name] = np.array(config.heads, dtype=np.int64)
+        elif name.endswith("ln1.weight") or name.endswith("ln2.weight") or name == FINAL_LN_WEIGHT:
+            out[name] = np.ones(shape, dtype=np.float32)
+        elif name.endswith("bias"):
+            out[name] = np.zeros(shape, dtype=np.float32)
+        else:
+            out[name] = rng.normal(0.0, config.init_std, shape).astype(np.float32)
+    return out
+
+
+# ---- numpy forward (serving) -------------------------------------------------
+
+
+def _layer_norm(
+    x: npt.NDArray[np.float32], weight: npt.NDArray[np.float32], bias: npt.NDArray[np.float32]
+) -> npt.NDArray[np.float32]:
+    mean = x.mean(axis=-1, keepdims=True)
+    var = ((x - mean) ** 2).mean(axis=-1, keepdims=True)
+    result: npt.NDArray[np.float32] = (x - mean) / np.sqrt(var + LN_EPS) * weight + bias
+    return result
+
+
+def _gelu_tanh(x: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
+    inner = math.sqrt(2.0 / math.pi) * (x + 0.044715 * x**3)
+    return np.asarray(0.5 * x * (1.0 + np.tanh(inner)), dtype=np.float32)
+
+
+def num_layers(weights: Mapping[str, object]) -> int:
+    """How many blocks the weights hold."""
+    count = 0
+    while layer_key(count, "qkv.weight") in weights:
+        count += 1
+    return count
+
+
+def encode_sequence(
+    weights: Mapping[str, npt.NDArray[Any]], item_seq: npt.NDArray[np.integer]
+) -> npt.NDArray[np.float32]:
+    """The user vector, float32 (d,), for item indexes `item_seq`, oldest first.
+
+    Reads only the last L = seq_position.shape[0] items. An empty sequence
+    gets the vector of a lone padding token (a zero item embedding) at the
+    most recent position, exactly as the torch model computes it.
+    """
+    table = weights[ITEM_EMBEDDINGS]
+    position = weights[POSITION]
+    length, dim = position.shape
+    heads = int(weights[NUM_HEADS])
+    head_dim = dim // heads
+    items = np.asarray(item_seq, dtype=np.int64)[-length:]
+    m = max(int(items.shape[0]), 1)
+    if items.shape[0]:
+        x = table[items].astype(np.float32) + position[length - m :]
+    else:
+        x = position[length - 1 :].astype(np.float32)
+    causal = np.tril(np.ones((m, m), dtype=np.bool_))
+    n_layers = num_layers(weights)
+    for i in range(n_layers):
+        w = {name: weights[layer_key(i, name)] for name in _LAYER_SHAPES}
+        last = i == n_layers - 1
+        # The last block only needs the most recent position's output.
+        h = _layer_norm(x, w["ln1.weight"], w["ln1.bias"])
+        qkv = h @ w["qkv.weight"].T + w["qkv.bias"]
+        q, k, v = qkv[:, :dim], qkv[:, dim : 2 * dim], qkv[:, 2 * dim :]
+        rows = slice(m - 1, m) if last else slice(0, m)
+        q = q[rows].reshape(-1, heads, head_dim).transpose(1, 0, 2)
+        k = k.reshape(m, heads, head_dim).transpose(1, 0, 2)
+        v = v.reshape(m, heads, head_dim).transpose(1, 0, 2)
+        att = q @ k.transpose(0, 2, 1) / math.sqrt(head_dim)
+        att = np.where(causal[rows][None], att, -np.inf)
+        att = np.exp(att - att.max(axis=-1, keepdims=True))
+        att /= att.sum(axis=-1, keepdims=True)
+        ctx = (att @ v).transpose(1, 0, 2).reshape(-1, dim)
+        x = x[rows] + ctx @ w["out.weight"].T + w["out.bias"]
+        h = _layer_norm(x, w["ln2.weight"], w["ln2.bias"])
+        x = x + _gelu_tanh(h @ w["fc1.weight"].T + w["fc1.bias"]) @ w["fc2.weight"].T
+        x = x + w["fc2.bias"]
+    out = _layer_norm(x[-1], weights[FINAL_LN_WEIGHT], weights[FINAL_LN_BIAS])
+    return out.astype(np.float32)
+
+
+def encode_history(
+    weights: Mapping[str, npt.NDArray[Any]], history: Part
+) -> npt.NDArray[np.float32]:
+    """encode_sequence for every user of `history`, float32 (u, d)."""
+    return np.stack([encode_sequence(weights, history.row(u)) for u in range(history.n_users)])
+
+
+@dataclass(frozen=True, slots=True)
+class SequentialModel:
+    """Exported weights (see SeqConfig.shapes) and how they were trained."""
+
+    weights: dict[str, npt.NDArray[Any]]
+    config: SeqConfig
+    best_epoch: int
+    valid_ndcg10: float
+    train_s: float
+    curve: tuple[tuple[int, float, float], ...] = field(default=())  # (epoch, loss, valid)
+
+    def scorer(self, history: Part) -> ScoreFn:
+        """Scores from the numpy encoder, as the server computes them."""
+        users = encode_history(self.weights, history)
+        table = np.asarray(self.weights[ITEM_EMBEDDINGS], dtype=np.float32)
+
+        def score(batch: npt.NDArray[np.int64]) -> npt.NDArray[np.float32]:
+            result: npt.NDArray[np.float32] = users[batch] @ table.T
+            return result
+
+        return score
+
+    def params(self) -> dict[str, Any]:
+        return asdict(self.config) | {"best_epoch": self.best_epoch}
+
+
+# ---- torch (training) ---------------------------------------------------------
+
+
+def torch_forward(
+    params: Mapping[str, torch.Tensor],
+    seq: torch.Tensor,
+    *,
+    dropout: float = 0.0,
+    training: bool = False,
+) -> torch.Tensor:
+    """Hidden states (b, L', d) for `seq` (b, L') of item index + 1, 0 = padding.
+
+    Sequences are left-padded so the last column is the most recent item and
+    takes position row L-1. Padding keys are masked; each position may also
+    attend to itself, so padding rows stay finite and never reach real rows.
+    """
+    import torch
+    import torch.nn.functional as F
+
+    b, cols = seq.shape
+    table = params[ITEM_EMBEDDINGS]
+    position = params[POSITION]
+    length, dim = position.shape
+    heads = int(params[NUM_HEADS])
+    head_dim = dim // heads
+    padded_table = torch.cat([torch.zeros_like(table[:1]), table])
+    x = padded_table[seq] + position[length - cols :][None]
+    x = F.dropout(x, dropout, training)
+    causal = torch.tril(torch.ones(cols, cols, dtype=torch.bool))
+    mask = (causal[None] & (seq > 0)[:, None, :]) | torch.eye(cols, dtype=torch.bool)[None]
+    for i in range(num_layers(params)):
+
+        def p(name: str, layer: int = i) -> torch.Tensor:
+            return params[layer_key(layer, name)]
+
+        h = F.layer_norm(x, (dim,), p("ln1.weight"), p("ln1.bias"), LN_EPS)
+        q, k, v = F.linear(h, p("qkv.weight"), p("qkv.bias")).chunk(3, dim=-1)
+        q, k, v = (t.view(b, cols, heads, head_dim).transpose(1, 2) for t in (q, k, v))
+        att = (q @ k.transpose(-1, -2)) / math.sqrt(head_dim)
+        att = att.masked_fill(~mask[:, None], float("-inf")).softmax(dim=-1)
+        att = F.dropout(att, dropout, training)
+        ctx = (att @ v).transpose(1, 2).reshape(b, cols, dim)
+        x = x + F.dropout(F.linear(ctx, p("out.weight"), p("out.bias")), dropout, training)
+        h = F.layer_norm(x, (dim,), p("ln2.weight"), p("ln2.bias"), LN_EPS)
+        h = F.linear(
+            F.gelu(F.linear(h, p("fc1.weight"), p("fc1.bias")), approximate="tanh"),
+            p("fc2.weight"),
+            p("fc2.bias"),
+        )
+        x = x + F.dropout(h, dropout, training)
+    return F.layer_norm(x, (dim,), params[FINAL_LN_WEIGHT], params[FINAL_LN_BIAS], LN_EPS)
+
+
+def _table_scorer(scores: npt.NDArray[np.float32]) -> ScoreFn:
+    def score(users: npt.NDArray[np.int64]) -> npt.NDArray[np.float32]:
+        return scores[users]
+
+    return score
+
+
+def left_padded(history: Part, users: npt.NDArray[np.int64], length: int) -> npt.NDArray[np.int64]:
+    """int64 (b, length): each user's last `length` items + 1, left-padded with 0."""
+    out = np.zeros((users.shape[0], length), dtype=np.int64)
+    for j, u in enumerate(users.tolist()):
+        row = history.row(u)[-length:]
+        if row.shape[0]:
+            out[j, length - row.shape[0] :] = row.astype(np.int64) + 1
+    return out
+
+
+def _windows(
+    lengths: npt.NDArray[np.int64], length: int, rng: np.random.Generator
+) -> npt.NDArray[np.int64]:
+    """(user, end) pairs, int64 (w, 2), whose targets [end - length, end) cover
+    every train position >= 1 once; boundaries shift randomly between epochs.
+    """
+    out: list[tuple[int, int]] = []
+    for u, n in enumerate(lengths.tolist()):
+        if n < 2:
+            continue
+        offset = int(rng.integers(0, length)) if n > length else 0
+        out.append((u, n))
+        out.extend((u, end) for end in range(n - offset if offset else n - length, 1, -length))
+    return np.array(out, dtype=np.int64).reshape(-1, 2)
+
+
+def _batch(
+    train: Part, windows: npt.NDArray[np.int64], length: int, target_window: int
+) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int64], npt.NDArray[np.int64]]:
+    """Inputs (b, L) item + 1 left-padded, absolute target position (b, L) or -1,
+    target items (b, L, target_window) or -1 past the end of train.
+    """
+    b = windows.shape[0]
+    inputs = np.zeros((b, length), dtype=np.int64)
+    target_pos = np.full((b, length), -1, dtype=np.int64)
+    targets = np.full((b, length, target_window), -1, dtype=np.int64)
+    for j, (u, end) in enumerate(windows.tolist()):
+        seq = train.row(u).astype(np.int64)
+        lo = max(0, end - length - 1)
+        k = end - 1 - lo
+        inputs[j, length - k :] = seq[lo : end - 1] + 1
+        pos = np.arange(lo + 1, end)
+        target_pos[j, length - k :] = pos
+        ahead = pos[:, None] + np.arange(target_window)[None]
+        padded = np.concatenate([seq, np.full(target_window, -1, dtype=np.int64)])
+        targets[j, length - k :] = padded[np.minimum(ahead, seq.shape[0])]
+    return inputs, target_pos, targets
+
+
+def train_sequential(
+    split: Split,
+    config: SeqConfig = SeqConfig(),
+    seed: int = 0,
+    progress: Callable[[int, float, float], None] | None = None,
+) -> SequentialModel:
+    """Train on split.train, early-stop on valid NDCG@10, return the best weights.
+
+    `progress(epoch, train_loss, valid_ndcg10)` is called after every epoch.
+    """
+    import torch
+    import torch.nn.functional as F
+
+    torch.set_num_threads(config.threads)
+    torch.manual_seed(seed)
+    rng = np.random.default_rng(seed)
+    start = time.perf_counter()
+    n_items, length = split.n_items, config.max_len
+    params = {
+        name: torch.nn.Parameter(torch.from_numpy(value), requires_grad=name != NUM_HEADS)
+        if name != NUM_HEADS
+        else torch.from_numpy(value)
+        for name, value in init_weights(n_items, config, seed).items()
+    }
+    trainable = [p for p in params.values() if isinstance(p, torch.nn.Parameter)]
+    optimizer = torch.optim.Adam(trainable, lr=config.lr, weight_decay=config.weight_decay)
+    train = split.train
+    lengths = train.lengths()
+    # first_seen[u, i]: position of item i in u's train sequence (large if absent).
+    first_seen = np.full((split.n_users, n_items), np.iinfo(np.int32).max, dtype=np.int32)
+    first_seen[train.users(), train.items] = (
+        np.arange(len(train)) - np.repeat(train.indptr[:-1], lengths)
+    ).astype(np.int32)
+    first_seen_t = torch.from_numpy(first_seen)
+    valid_history = split.history("valid")
+    valid_inputs = torch.from_numpy(
+        left_padded(valid_history, np.arange(split.n_users, dtype=np.int64), length)
+    )
+    decay = torch.ones(config.target_window)
+    best, best_epoch, stale = -1.0, -1, 0
+    best_weights: dict[str, npt.NDArray[Any]] = {}
+    curve: list[tuple[int, float, float]] = []
+    for epoch in range(config.max_epochs):
+        windows = _windows(lengths, length, rng)
+        windows = windows[rng.permutation(windows.shape[0])]
+        total, seen_rows = 0.0, 0
+        for lo in range(0, windows.shape[0], config.batch_size):
+            chunk = windows[lo : lo + config.batch_size]
+            inputs, target_pos, targets = (
+                torch.from_numpy(a) for a in _batch(train, chunk, length, config.target_window)
+            )
+            hidden = torch_forward(params, inputs, dropout=config.dropout, training=True)
+            real = target_pos >= 0
+            logits = hidden[real] @ params[ITEM_EMBEDDINGS].T
+            if config.mask_seen:
+                before = (
+                    first_seen_t[torch.from_numpy(chunk[:, 0])][:, None, :] < target_pos[:, :, None]
+                )
+                logits = logits.masked_fill(before[real], float("-inf"))
+            tgt = targets[real]
+            if config.target_window == 1:
+                loss = F.cross_entropy(logits, tgt[:, 0])
+            else:
+                weight = (tgt >= 0).float() * decay
+                weight = weight / weight.sum(dim=-1, keepdim=True)
+                nll = torch.logsumexp(logits, dim=-1, keepdim=True) - logits.gather(
+                    1, tgt.clamp(min=0)
+                )
+                loss = torch.where(weight > 0, nll * weight, torch.zeros_like(nll)).sum(-1).mean()
+            optimizer.zero_grad()
+            loss.backward()  # type: ignore[no-untyped-call]
+            optimizer.step()
+            total += float(loss.detach()) * chunk.shape[0]
+            seen_rows += chunk.shape[0]
+        with torch.no_grad():
+            users = torch_forward(params, valid_inputs)[:, -1]
+            scores = (users @ params[ITEM_EMBEDDINGS].T).numpy()
+        ndcg = evaluate(_table_scorer(scores), split, "valid")["ndcg@10"]
+        loss_value = total / max(seen_rows, 1)
+        curve.append((epoch, loss_value, ndcg))
+        if progress is not None:
+            progress(epoch, loss_value, ndcg)
+        if ndcg > best:
+            best, best_epoch, stale = ndcg, epoch, 0
+            best_weights = {k: v.detach().numpy().copy() for k, v in params.items()}
+        else:
+            stale += 1
+            if stale >= config.patience:
+                break
+    return SequentialModel(
+        weights=best_weights,
+        config=config,
+        best_epoch=best_epoch,
+        valid_ndcg10=best,
+        train_s=time.perf_counter() - start,
+        curve=tuple(curve),
+    )
+
+
+def default_configs() -> Sequence[SeqConfig]:
+    """The configuration evaluate_ml100k reports."""
+    return (SeqConfig(),)
