@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import signal
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import faiss
@@ -17,11 +19,15 @@ from grpc_reflection.v1alpha import reflection
 from prometheus_client import start_http_server
 
 from endcap.v1 import recommender_pb2, recommender_pb2_grpc
-from server.artifact import ArtifactError, load_artifact
+from server.artifact import LATEST, ArtifactError, load_artifact
+from server.domain.catalog import ItemUpdate
 from server.domain.engine import Engine
 from server.domain.retrieval import SearchTuning
 from server.infra.metrics import Metrics, default_metrics
 from server.infra.settings import Settings
+from server.state.eventlog import EventLog
+from server.state.redis_store import RedisStore, ResilientStore
+from server.state.store import MemoryStore, StateStore
 from server.transport.interceptors import MetricsInterceptor
 from server.transport.servicer import EngineHolder, RecommenderServicer
 
@@ -30,27 +36,93 @@ log = logging.getLogger(__name__)
 SERVICE_NAME = recommender_pb2.DESCRIPTOR.services_by_name["Recommender"].full_name
 
 
-def load_engine(settings: Settings) -> Engine:
-    """Load, verify and index the artifact (seconds at 1M items: run off the event loop)."""
-    artifact = load_artifact(settings.artifacts, verify_checksums=settings.verify_checksums)
+def load_engine(settings: Settings, path: Path | None = None) -> Engine:
+    """Load, verify, index and smoke-test an artifact (seconds at 1M items: run it off
+    the event loop). Raises ArtifactError naming what is wrong."""
+    artifact = load_artifact(path or settings.artifacts, verify_checksums=settings.verify_checksums)
     tuning = SearchTuning(
         exact_scan_max_items=settings.exact_scan_max_items,
         ann_min_nprobe=settings.ann_min_nprobe,
         ann_overfetch=settings.ann_overfetch,
     )
-    return Engine(artifact, tuning)
+    engine = Engine(artifact, tuning, live_capacity=settings.live_capacity)
+    try:
+        engine.smoke_test()
+    except (ValueError, IndexError) as exc:
+        raise ArtifactError(f"smoke query failed on {artifact.path}: {exc}") from exc
+    return engine
+
+
+def replay(engine: Engine, journal: list[tuple[str, ItemUpdate | str]]) -> None:
+    """Re-apply live catalog changes to a freshly loaded engine."""
+    for i, (kind, entry) in enumerate(journal):
+        if kind == "upsert" and isinstance(entry, ItemUpdate):
+            engine.upsert([(i, entry)])
+        elif isinstance(entry, str):
+            engine.delete([entry])
+
+
+def build_store(settings: Settings, metrics: Metrics) -> StateStore:
+    local = MemoryStore(max_profiles=settings.max_profiles, ttl_s=settings.profile_ttl_s)
+    if settings.state_backend == "memory":
+        return local
+    redis = RedisStore(
+        settings.redis_url, ttl_s=settings.profile_ttl_s, timeout_s=settings.redis_timeout_s
+    )
+    return ResilientStore(
+        redis,
+        local,
+        timeout_s=settings.redis_timeout_s,
+        on_degraded=lambda down: metrics.state_degraded.set(1 if down else 0),
+    )
 
 
 @dataclass
 class Running:
     """A started server and the parts tests and the entry point need to drive it."""
 
+    settings: Settings
     server: grpc.aio.Server
     port: int
     holder: EngineHolder
     health: health.aio.HealthServicer
     metrics: Metrics
     executor: ThreadPoolExecutor
+    store: StateStore
+    events: EventLog | None
+    reload_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+
+    async def reload(self, version: str = "") -> tuple[str, str]:
+        """Load a version (default: LATEST) off the loop, verify it, replay live catalog
+        changes, swap. In-flight requests finish on the engine they started with; a
+        refused artifact leaves the current one serving."""
+        async with self.reload_lock:
+            root = self.settings.artifacts
+            path = root / version if version else root
+            loop = asyncio.get_running_loop()
+            seen = len(self.holder.journal)
+            journal = list(self.holder.journal)
+
+            def build() -> Engine:
+                engine = load_engine(self.settings, path)
+                replay(engine, journal)
+                return engine
+
+            try:
+                engine = await loop.run_in_executor(self.executor, build)
+            except ArtifactError as exc:
+                self.metrics.reloads.labels("refused").inc()
+                log.error("reload refused, still serving %s: %s", self._version(), exc)
+                raise
+            replay(engine, self.holder.journal[seen:])  # changes that arrived while loading
+            old = self._version()
+            self.publish(engine)
+            self.metrics.reloads.labels("ok").inc()
+            log.info("reloaded: now serving %s (was %s)", engine.model_version, old)
+            return engine.model_version, old
+
+    def _version(self) -> str:
+        return self.holder.current.model_version if self.holder.current else ""
 
     def publish(self, engine: Engine) -> None:
         """Serve `engine` from the next request on, and report SERVING."""
@@ -77,8 +149,12 @@ class Running:
             await self.health.set(name, status)
 
     async def stop(self, grace_s: float) -> None:
+        """Health NOT_SERVING, refuse new calls, drain in-flight ones, flush the event log."""
         await self.health.enter_graceful_shutdown()
         await self.server.stop(grace_s)
+        if self.events is not None:
+            self.events.close()
+        await self.store.close()
         self.executor.shutdown(wait=False, cancel_futures=True)
 
 
@@ -96,6 +172,16 @@ async def start(settings: Settings, metrics: Metrics | None = None) -> Running:
     faiss.omp_set_num_threads(settings.omp_threads)
     metrics = metrics or default_metrics()
     holder = EngineHolder()
+    store = build_store(settings, metrics)
+    events = None
+    if settings.event_log:
+        events = EventLog(Path(settings.event_log), fsync=settings.fsync)
+        await store.mark_forgotten(events.forgotten)
+    running_ref: list[Running] = []
+
+    async def reload(version: str) -> tuple[str, str]:
+        return await running_ref[0].reload(version)
+
     options: list[tuple[str, Any]] = [
         ("grpc.max_receive_message_length", settings.max_message_bytes),
         ("grpc.max_send_message_length", settings.max_message_bytes),
@@ -103,7 +189,7 @@ async def start(settings: Settings, metrics: Metrics | None = None) -> Running:
     ]
     server = grpc.aio.server(interceptors=[MetricsInterceptor(metrics)], options=options)
     recommender_pb2_grpc.add_RecommenderServicer_to_server(
-        RecommenderServicer(holder, metrics), server
+        RecommenderServicer(holder, metrics, store, events, reload), server
     )
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
@@ -118,15 +204,32 @@ async def start(settings: Settings, metrics: Metrics | None = None) -> Running:
     port = server.add_insecure_port(f"{settings.host}:{settings.port}")
     await server.start()
     running = Running(
+        settings=settings,
         server=server,
         port=port,
         holder=holder,
         health=health_servicer,
         metrics=metrics,
         executor=ThreadPoolExecutor(settings.pool_threads, thread_name_prefix="endcap"),
+        store=store,
+        events=events,
     )
+    running_ref.append(running)
     await running.set_serving(False)
     return running
+
+
+async def _watch_latest(running: Running, interval_s: float) -> None:
+    """Reload when the artifact root's LATEST changes (a training job published)."""
+    latest = running.settings.artifacts / LATEST
+    seen = latest.read_text().strip() if latest.is_file() else ""
+    while True:
+        await asyncio.sleep(interval_s)
+        current = latest.read_text().strip() if latest.is_file() else ""
+        if current and current != seen:
+            seen = current
+            with contextlib.suppress(ArtifactError):
+                await running.reload(current)
 
 
 async def serve(settings: Settings) -> int:
@@ -156,7 +259,24 @@ async def serve(settings: Settings) -> int:
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    background: set[asyncio.Task[None]] = set()
+
+    def on_hup() -> None:
+        task = asyncio.ensure_future(_reload_quietly(running))
+        background.add(task)
+        task.add_done_callback(background.discard)
+
+    loop.add_signal_handler(signal.SIGHUP, on_hup)
+    if settings.reload_poll_s > 0:
+        background.add(asyncio.ensure_future(_watch_latest(running, settings.reload_poll_s)))
     await stop.wait()
     log.info("shutting down: draining for up to %.1f s", settings.grace_s)
+    for task in background:
+        task.cancel()
     await running.stop(settings.grace_s)
     return 0
+
+
+async def _reload_quietly(running: Running) -> None:
+    with contextlib.suppress(ArtifactError):
+        await running.reload()

@@ -1,8 +1,15 @@
-"""The served catalog: id lookup, item attributes and filter bitmaps over artifact arrays."""
+"""The served catalog: id lookup, item attributes and filter bitmaps, kept live.
+
+Artifact columns are copied into arrays sized for `capacity` items so that
+UpsertItems can add rows and change attributes in place; every change is
+reflected in the filter bitmaps before the next request runs. Mutation happens
+only on the event loop thread, the same thread that serves requests.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import numpy.typing as npt
@@ -14,43 +21,82 @@ from server.domain.query import Filters
 
 
 class IdIndex:
-    """String id -> row index by binary search over a sorted copy (no per-id Python objects)."""
+    """String id -> row by binary search over a sorted copy (no per-id Python objects),
+    plus a dict for rows added live."""
 
     def __init__(self, ids: npt.NDArray[np.str_]) -> None:
         self._order = np.argsort(ids, kind="stable").astype(np.int64)
         self._sorted = np.asarray(ids)[self._order]
+        self._live: dict[str, int] = {}
 
     def __len__(self) -> int:
-        return int(self._sorted.shape[0])
+        return int(self._sorted.shape[0]) + len(self._live)
 
     def lookup(self, ids: Sequence[str]) -> npt.NDArray[np.int64]:
-        """Row index of each id, -1 where unknown."""
-        if len(ids) == 0 or len(self) == 0:
-            return np.full(len(ids), -1, dtype=np.int64)
-        query = np.asarray(ids, dtype=self._sorted.dtype if len(ids) else None)
-        pos = np.searchsorted(self._sorted, query)
-        pos = np.minimum(pos, len(self) - 1)
-        found = self._sorted[pos] == np.asarray(ids)
-        return np.where(found, self._order[pos], -1)
+        """Row of each id, -1 where unknown."""
+        n = int(self._sorted.shape[0])
+        if len(ids) == 0:
+            return np.empty(0, dtype=np.int64)
+        if n:
+            query = np.asarray(ids)
+            pos = np.minimum(np.searchsorted(self._sorted, query), n - 1)
+            rows = np.where(self._sorted[pos] == query, self._order[pos], -1)
+        else:
+            rows = np.full(len(ids), -1, dtype=np.int64)
+        if self._live:
+            for i in np.flatnonzero(rows < 0).tolist():
+                rows[i] = self._live.get(ids[i], -1)
+        return rows
 
     def get(self, one: str) -> int | None:
         row = int(self.lookup([one])[0])
         return None if row < 0 else row
 
+    def add(self, item_id: str, row: int) -> None:
+        self._live[item_id] = row
+
+
+@dataclass(frozen=True, slots=True)
+class ItemUpdate:
+    """An item as UpsertItems describes it; None = unchanged (existing items)."""
+
+    item_id: str
+    category: str = ""
+    brand: str = ""
+    price: float | None = None  # in `currency`
+    currency: str = ""
+    countries: tuple[str, ...] = ()
+    in_stock: bool | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Rejected:
+    index: int
+    item_id: str
+    field: str
+    reason: str
+
 
 class Catalog:
-    """Item attributes and filters of one artifact. Read-only and shared by requests."""
+    """Item attributes and filters of one artifact plus live changes."""
 
-    def __init__(self, artifact: Artifact) -> None:
+    def __init__(self, artifact: Artifact, capacity: int | None = None) -> None:
         m = artifact.manifest
-        self.item_ids: npt.NDArray[np.str_] = artifact["item_ids"]
-        self.ids = IdIndex(self.item_ids)
-        self.category = artifact["item_category"]
-        self.brand = artifact["item_brand"]
-        self.price = artifact["item_price"]
-        self.in_stock = artifact["item_in_stock"]
+        n = m.n_items
+        cap = max(n, capacity or n)
+        self.n_base = n
+        self.n = n  # rows in use (base + live additions)
+        self.capacity = cap
+        self.base_ids: npt.NDArray[np.str_] = artifact["item_ids"]
+        self.live_ids: list[str] = []
+        self.ids = IdIndex(self.base_ids)
+        self.category = _grow(artifact["item_category"], cap)
+        self.brand = _grow(artifact["item_brand"], cap)
+        self.price = _grow(artifact["item_price"], cap)
+        self.in_stock = _grow(artifact["item_in_stock"], cap)
+        self.alive = _grow(np.ones(n, dtype=bool), cap)
         self.category_names = m.category_names
-        self.brand_names = m.brand_names
+        self.brand_names: list[str] = list(m.brand_names)
         self.country_codes = m.country_codes
         self.base_currency = m.base_currency
         self.rates = m.currency_rates
@@ -58,17 +104,38 @@ class Catalog:
         self._brand_index = {name: i for i, name in enumerate(m.brand_names)}
         self._country_index = {code: i for i, code in enumerate(m.country_codes)}
         self.filters = FilterIndex(
-            category=self.category,
+            category=artifact["item_category"],
             category_parent=artifact["category_parent"],
-            brand=self.brand,
+            brand=artifact["item_brand"],
             n_brands=len(m.brand_names),
-            price=self.price,
-            in_stock=self.in_stock,
+            price=artifact["item_price"],
+            in_stock=artifact["item_in_stock"],
             country_bits=artifact["item_country_bits"],
+            capacity=cap,
+            live_price=self.price,
         )
 
     def __len__(self) -> int:
-        return len(self.ids)
+        return int(self.alive[: self.n].sum())
+
+    def item_ids(self, rows: npt.NDArray[np.int64]) -> list[str]:
+        if not self.live_ids or rows.size == 0 or int(rows.max()) < self.n_base:
+            out: list[str] = self.base_ids[rows].tolist()
+            return out
+        return [
+            str(self.base_ids[r]) if r < self.n_base else self.live_ids[r - self.n_base]
+            for r in rows.tolist()
+        ]
+
+    def lookup(self, ids: Sequence[str]) -> npt.NDArray[np.int64]:
+        """Row of each id, -1 where unknown or deleted."""
+        rows = self.ids.lookup(ids)
+        if rows.size:
+            rows[rows >= 0] = np.where(self.alive[rows[rows >= 0]], rows[rows >= 0], -1)
+        return rows
+
+    def category_row(self, name: str) -> int | None:
+        return self._category_index.get(name)
 
     def country_row(self, country: str) -> int | None:
         """Index of a country code; None if the catalog does not know it."""
@@ -95,7 +162,7 @@ class Catalog:
         if country:
             row = self.country_row(country)
             country_idx = -1 if row is None else row
-        excluded = self.ids.lookup(filters.exclude_item_ids)
+        excluded = self.lookup(filters.exclude_item_ids)
         excluded = np.concatenate([excluded[excluded >= 0], np.asarray(extra_exclude, np.int64)])
         include = None
         if filters.include_categories:
@@ -122,3 +189,87 @@ class Catalog:
             in_stock_only=filters.in_stock_only,
             exclude_items=tuple(int(i) for i in np.unique(excluded)),
         )
+
+    # Live catalog.
+    def check(self, index: int, item: ItemUpdate, exists: bool) -> Rejected | None:
+        """Why this update cannot apply, or None."""
+        if item.category and item.category not in self._category_index:
+            return Rejected(index, item.item_id, "category", f"unknown category {item.category!r}")
+        if not exists and not item.category:
+            return Rejected(index, item.item_id, "category", "required for a new item")
+        if not exists and item.price is None:
+            return Rejected(index, item.item_id, "price", "required for a new item")
+        if item.currency and item.currency not in self.rates:
+            return Rejected(
+                index, item.item_id, "currency", f"no exchange rate for {item.currency!r}"
+            )
+        unknown = [c for c in item.countries if c not in self._country_index]
+        if unknown:
+            return Rejected(index, item.item_id, "countries", f"unknown countries {unknown}")
+        if not exists and self.n >= self.capacity:
+            return Rejected(
+                index, item.item_id, "item_id", "live catalog capacity reached; retrain"
+            )
+        return None
+
+    def upsert(self, item: ItemUpdate) -> tuple[int, bool]:
+        """Apply a checked update; returns (row, created)."""
+        row = self.ids.get(item.item_id)
+        created = row is None
+        if row is None:
+            row = self.n
+            self.n += 1
+            self.live_ids.append(item.item_id)
+            self.ids.add(item.item_id, row)
+        old_cat = -1 if created else int(self.category[row])
+        old_brand = -1 if created else int(self.brand[row])
+        old_price = None if created else float(self.price[row])
+        category = brand = None
+        if item.category:
+            new = self._category_index[item.category]
+            if new != old_cat:
+                category = (old_cat, new)
+                self.category[row] = new
+        if item.brand:
+            new = self._brand_index.get(item.brand)
+            if new is None:
+                new = len(self.brand_names)
+                self.brand_names.append(item.brand)
+                self._brand_index[item.brand] = new
+            if new != old_brand:
+                brand = (old_brand, new)
+                self.brand[row] = new
+        price = None
+        if item.price is not None:
+            base = item.price / self.rates[item.currency or self.base_currency]
+            price = (old_price, base)
+            self.price[row] = base
+        in_stock = True if created and item.in_stock is None else item.in_stock
+        if in_stock is not None:
+            self.in_stock[row] = in_stock
+        countries = None
+        if item.countries or created:
+            countries = np.zeros(len(self.country_codes), dtype=bool)
+            countries[[self._country_index[c] for c in item.countries]] = True
+        self.alive[row] = True
+        self.filters.update_item(
+            row,
+            alive=True,
+            category=category,
+            brand=brand,
+            price=price,
+            in_stock=in_stock,
+            countries=countries,
+        )
+        return row, created
+
+    def delete(self, row: int) -> None:
+        self.alive[row] = False
+        self.filters.update_item(row, alive=False)
+
+
+def _grow(column: npt.NDArray[np.generic], capacity: int) -> npt.NDArray[np.generic]:
+    """An in-memory copy of `column` with room for `capacity` rows."""
+    out = np.zeros((capacity, *column.shape[1:]), dtype=column.dtype)
+    out[: column.shape[0]] = column
+    return out

@@ -1,19 +1,42 @@
-"""The recommendation engine: one loaded artifact answering Recommend, Rerank, SimilarItems."""
+"""The recommendation engine: one loaded artifact plus live catalog changes, answering
+every read RPC from a query, the shopper's real-time profile and live popularity."""
 
 from __future__ import annotations
 
+import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
 import numpy.typing as npt
 
 from server.artifact import Artifact
-from server.domain.catalog import Catalog, IdIndex
+from server.domain.catalog import Catalog, IdIndex, ItemUpdate, Rejected
 from server.domain.errors import UnknownItems
 from server.domain.filters import Compiled
-from server.domain.query import Context, Filters, RecommendQuery, RerankQuery, SimilarQuery
+from server.domain.query import (
+    Context,
+    Filters,
+    PopularQuery,
+    Profile,
+    RecentQuery,
+    RecommendQuery,
+    RerankQuery,
+    SimilarQuery,
+    StateEvent,
+    TrackedEvent,
+    segment_key,
+    shopper_key,
+)
 from server.domain.ranking import top_k
-from server.domain.retrieval import Provenance, Results, Retriever, SearchTuning
+from server.domain.retrieval import Provenance, Results, Retriever, SearchTuning, Vectors
+
+# Event kinds (Event.Type values in the proto).
+VIEW, ADD_TO_CART, REMOVE_FROM_CART, PURCHASE = 1, 2, 3, 4
+SEARCH, IMPRESSION, CLICK = 5, 6, 7
+_NEEDS_ITEM = {VIEW, ADD_TO_CART, REMOVE_FROM_CART, PURCHASE, CLICK}
+# Placements (RequestContext.Placement values) that must not show cart items.
+_CART_PLACEMENTS = {4, 5}  # CART, CHECKOUT
 
 
 @dataclass(frozen=True, slots=True)
@@ -26,16 +49,35 @@ class Answer:
     personalized: bool
     unknown_ids: tuple[str, ...] = ()
     filtered_ids: tuple[str, ...] = ()
+    segment: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class Blend:
+    """How the real-time session shapes the query vector."""
+
+    session_boost: float = 2.0  # extra weight of a just-seen item vs a trained-history item
+    session_half_life_s: float = 1800.0
 
 
 class Engine:
-    """Read-only after construction; safe to share across concurrent requests."""
+    """Answers reads for one artifact. Reads and live changes both run on the event
+    loop thread, so no locking is needed."""
 
-    def __init__(self, artifact: Artifact, tuning: SearchTuning | None = None) -> None:
+    def __init__(
+        self,
+        artifact: Artifact,
+        tuning: SearchTuning | None = None,
+        *,
+        live_capacity: int = 100_000,
+        blend: Blend | None = None,
+    ) -> None:
         self.artifact = artifact
         self.model_version = artifact.manifest.model_version
-        self.catalog = Catalog(artifact)
-        self.embeddings: npt.NDArray[np.float32] = artifact["item_embeddings"]
+        self.blend = blend or Blend()
+        n = artifact.manifest.n_items
+        self.catalog = Catalog(artifact, capacity=n + live_capacity)
+        self.vectors = Vectors(artifact["item_embeddings"], n + live_capacity)
         self.user_index = IdIndex(artifact["user_ids"])
         self.user_embeddings = artifact["user_embeddings"]
         self.history_indptr = artifact["user_history_indptr"]
@@ -43,9 +85,13 @@ class Engine:
         self.history_projection = np.ascontiguousarray(artifact["history_projection"])
         self.context_device = np.ascontiguousarray(artifact["context_device"])
         self.context_country = np.ascontiguousarray(artifact["context_country"])
+        self.tower_category = np.ascontiguousarray(artifact["item_tower_category"])
+        self.tower_brand = np.ascontiguousarray(artifact["item_tower_brand"])
+        self.tower_price = np.ascontiguousarray(artifact["item_tower_price"])
+        self.price_edges = np.asarray(artifact["price_bucket_edges"])
         self.history_length = artifact.manifest.history_length
         self.retriever = Retriever(
-            self.embeddings,
+            self.vectors,
             artifact.index,
             artifact["item_popularity"],
             artifact["segment_top_items"],
@@ -57,22 +103,48 @@ class Engine:
         row = self.catalog.country_row(country) if country else None
         return len(self.catalog.country_codes) if row is None else row
 
-    def _history(self, user_row: int | None) -> npt.NDArray[np.int64]:
+    def _trained_history(self, user_row: int | None) -> npt.NDArray[np.int64]:
         if user_row is None:
             return np.empty(0, dtype=np.int64)
         lo, hi = int(self.history_indptr[user_row]), int(self.history_indptr[user_row + 1])
         return self.history_items[max(lo, hi - self.history_length) : hi].astype(np.int64)
 
-    def encode(self, ctx: Context) -> tuple[npt.NDArray[np.float32], bool]:
-        """The query vector for a shopper in context, and whether it is personal."""
-        user_row = self.user_index.get(ctx.user_id) if ctx.user_id else None
+    def user_row(self, ctx: Context, profile: Profile) -> int | None:
+        """The trained profile to use, None for unknown or forgotten shoppers."""
+        if not ctx.user_id or profile.forgotten:
+            return None
+        return self.user_index.get(ctx.user_id)
+
+    def is_personal(self, ctx: Context, profile: Profile) -> bool:
+        return self.user_row(ctx, profile) is not None or bool(profile.recent)
+
+    def encode(
+        self, ctx: Context, profile: Profile, now_s: float
+    ) -> tuple[npt.NDArray[np.float32], bool]:
+        """The query vector for a shopper in context, and whether it is personal.
+
+        q = user + P @ weighted mean(history) + device + country, where history is
+        the trained history followed by the session's items; a session item seen
+        just now weighs 1 + session_boost, decaying to 1 with its half-life.
+        """
+        user_row = self.user_row(ctx, profile)
         q = self.context_device[ctx.device] + self.context_country[self._country_row(ctx.country)]
         if user_row is not None:
             q = q + self.user_embeddings[user_row]
-        history = self._history(user_row)
-        if history.size:
-            q = q + self.history_projection @ self.embeddings[history].mean(axis=0)
-        return q.astype(np.float32, copy=False), user_row is not None
+        trained = self._trained_history(user_row)
+        session_ids = [item for item, _ in profile.recent[: self.history_length]]
+        session_rows = self.catalog.lookup(session_ids) if session_ids else np.empty(0, np.int64)
+        keep = session_rows >= 0
+        session_rows = session_rows[keep]
+        ages = np.array([now_s - ts for _, ts in profile.recent[: self.history_length]])[keep]
+        rows = np.concatenate([trained, session_rows])
+        if rows.size:
+            b = self.blend
+            decay = np.exp2(-np.maximum(ages, 0.0) / b.session_half_life_s)
+            weights = np.concatenate([np.ones(trained.shape[0]), 1.0 + b.session_boost * decay])
+            history = (weights[:, None] * self.vectors.take(rows)).sum(axis=0) / weights.sum()
+            q = q + self.history_projection @ history
+        return q.astype(np.float32, copy=False), user_row is not None or session_rows.size > 0
 
     def _compile(
         self, ctx: Context, filters: Filters, extra_exclude: npt.NDArray[np.int64] | None = None
@@ -83,39 +155,97 @@ class Engine:
         )
         return self.catalog.filters.compile(spec), currency, rate
 
-    # RPCs.
-    def recommend(self, query: RecommendQuery) -> Answer:
+    def _rows(self, ids: Sequence[str]) -> npt.NDArray[np.int64]:
+        rows = self.catalog.lookup(ids) if ids else np.empty(0, np.int64)
+        return rows[rows >= 0]
+
+    # Reads.
+    def recommend(
+        self,
+        query: RecommendQuery,
+        profile: Profile,
+        live_popular: Sequence[str],
+        now_s: float,
+    ) -> Answer:
+        """Personal picks; purchases excluded, cart excluded on cart/checkout pages,
+        cart items as seeds there; unknown shoppers get segment bestsellers."""
         ctx = query.context
-        flt, currency, rate = self._compile(ctx, query.filters)
-        q, personal = self.encode(ctx)
+        exclude = self._rows(profile.purchased)
+        cart = self._rows(profile.cart)
+        if ctx.placement in _CART_PLACEMENTS:
+            exclude = np.concatenate([exclude, cart])
+        flt, currency, rate = self._compile(ctx, query.filters, exclude)
+        q, personal = self.encode(ctx, profile, now_s)
+        if ctx.placement in _CART_PLACEMENTS and cart.size:
+            q = q + self.vectors.take(cart).mean(axis=0)
+            personal = True
         if personal:
             results = self.retriever.search(q, flt, query.k)
-        else:
-            segment = (self._country_row(ctx.country), ctx.device)
-            results = self.retriever.popular(segment, flt, query.k)
-        return Answer(results, currency, rate, personal)
+            return Answer(results, currency, rate, True)
+        return self._popular(ctx, flt, query.k, live_popular, currency, rate, trending=False)
+
+    def popular(self, query: PopularQuery, live: Sequence[str]) -> Answer:
+        flt, currency, rate = self._compile(query.context, query.filters)
+        return self._popular(
+            query.context, flt, query.k, live, currency, rate, trending=query.trending
+        )
+
+    def _popular(
+        self,
+        ctx: Context,
+        flt: Compiled,
+        k: int,
+        live: Sequence[str],
+        currency: str,
+        rate: float,
+        *,
+        trending: bool,
+    ) -> Answer:
+        """Live segment counts first, then the trained segment and catalog bestsellers."""
+        rows = self._rows(live)
+        rows = rows[flt.passes(rows)][:k] if rows.size else rows
+        _, first = np.unique(rows, return_index=True)
+        rows = rows[np.sort(first)]
+        segment = (self._country_row(ctx.country), ctx.device)
+        fill = self.retriever.popular(segment, flt, k + rows.shape[0])
+        keep = ~np.isin(fill.ids, rows)
+        ids = np.concatenate([rows, fill.ids[keep]])[:k]
+        live_prov = Provenance.TRENDING if trending else Provenance.SEGMENT_POPULARITY
+        prov = np.concatenate(
+            [np.full(rows.shape[0], live_prov, dtype=np.int8), fill.provenance[keep]]
+        )[:k]
+        scores = (1.0 / (1.0 + np.arange(ids.shape[0]))).astype(np.float32)
+        name = segment_key(ctx.country, _DEVICE_NAMES[ctx.device] if ctx.device else "*")
+        return Answer(Results(ids, scores, prov, "popularity"), currency, rate, False, segment=name)
+
+    def recently_viewed(self, query: RecentQuery, profile: Profile) -> Answer:
+        flt, currency, rate = self._compile(query.context, query.filters)
+        rows = self._rows([item for item, _ in profile.recent])
+        rows = rows[flt.passes(rows)][: query.k] if rows.size else rows
+        scores = (1.0 / (1.0 + np.arange(rows.shape[0]))).astype(np.float32)
+        results = Results.of(rows, scores, Provenance.RECENTLY_VIEWED, "recent")
+        return Answer(results, currency, rate, True)
 
     def similar(self, query: SimilarQuery) -> Answer:
-        seeds = self.catalog.ids.lookup(query.seeds)
+        seeds = self.catalog.lookup(query.seeds)
         if (seeds < 0).any():
             missing = tuple(s for s, row in zip(query.seeds, seeds, strict=True) if row < 0)
             raise UnknownItems("seed_item_ids", missing)
         flt, currency, rate = self._compile(query.context, query.filters, seeds)
-        q = self.embeddings[seeds].mean(axis=0).astype(np.float32)
+        q = self.vectors.take(seeds).mean(axis=0).astype(np.float32)
         return Answer(self.retriever.search(q, flt, query.k), currency, rate, False)
 
-    def rerank(self, query: RerankQuery) -> Answer:
+    def rerank(self, query: RerankQuery, profile: Profile, now_s: float) -> Answer:
         ctx = query.context
-        rows = self.catalog.ids.lookup(query.candidates)
+        rows = self.catalog.lookup(query.candidates)
         known = rows >= 0
         flt, currency, rate = self._compile(ctx, query.filters)
         passing = np.zeros(rows.shape[0], dtype=bool)
         passing[known] = flt.passes(rows[known])
         ids = rows[passing]
-        q, personal = self.encode(ctx)
-        scores = (self.embeddings[ids] @ q).astype(np.float32, copy=False)
-        k = query.k or ids.shape[0]
-        ids, scores = top_k(ids, scores, k)
+        q, personal = self.encode(ctx, profile, now_s)
+        scores = (self.vectors.take(ids) @ q).astype(np.float32, copy=False)
+        ids, scores = top_k(ids, scores, query.k or ids.shape[0])
         cands = query.candidates
         return Answer(
             Results.of(ids, scores, Provenance.RERANKED_CANDIDATE, "rerank"),
@@ -127,3 +257,124 @@ class Engine:
                 c for c, ok, p in zip(cands, known, passing, strict=True) if ok and not p
             ),
         )
+
+    # Writes.
+    def resolve_events(
+        self, events: Sequence[tuple[int, TrackedEvent]]
+    ) -> tuple[list[tuple[int, StateEvent]], list[Rejected]]:
+        """Check items exist and derive popularity segments and base-currency values."""
+        accepted: list[tuple[int, StateEvent]] = []
+        rejected: list[Rejected] = []
+        for index, ev in events:
+            ctx = ev.context
+            row = self.catalog.ids.get(ev.item_id) if ev.item_id else None
+            if ev.kind in _NEEDS_ITEM and (row is None or not self.catalog.alive[row]):
+                rejected.append(
+                    Rejected(index, ev.item_id, "item_id", f"unknown item {ev.item_id!r}")
+                )
+                continue
+            if ev.context.currency and ev.context.currency not in self.catalog.rates:
+                rejected.append(
+                    Rejected(
+                        index,
+                        ev.item_id,
+                        "context.currency",
+                        f"no exchange rate for {ctx.currency!r}",
+                    )
+                )
+                continue
+            segments: tuple[str, ...] = ()
+            if row is not None:
+                device = _DEVICE_NAMES[ctx.device] if ctx.device else "*"
+                segments = (
+                    segment_key(ctx.country, device),
+                    segment_key(ctx.country, "*"),
+                    segment_key("", device),
+                    segment_key("", "*"),
+                ) + tuple(
+                    segment_key(country, "*", self.catalog.category_names[c])
+                    for c in self.catalog.filters._ancestors(int(self.catalog.category[row]))
+                    for country in ({ctx.country, ""} if ctx.country else {""})
+                )
+            value = 0.0
+            if ev.kind == PURCHASE:
+                rate = self.catalog.rates.get(ctx.currency or self.catalog.base_currency, 1.0)
+                value = ev.price * max(ev.quantity, 1) / rate
+            accepted.append(
+                (
+                    index,
+                    StateEvent(
+                        key=shopper_key(ctx.user_id, ctx.session_id),
+                        kind=ev.kind,
+                        item_id=ev.item_id,
+                        ts_s=ev.ts_s,
+                        value=value,
+                        segments=segments if ev.kind in (VIEW, ADD_TO_CART, PURCHASE) else (),
+                    ),
+                )
+            )
+        return accepted, rejected
+
+    def item_vector(self, category: int, brand: int, base_price: float) -> npt.NDArray[np.float32]:
+        """The content-tower embedding of an item the model never saw."""
+        vec = self.tower_category[category].copy()
+        if brand < self.tower_brand.shape[0]:
+            vec += self.tower_brand[brand]
+        bucket = int(np.searchsorted(self.price_edges, base_price, side="right"))
+        vec += self.tower_price[min(bucket, self.tower_price.shape[0] - 1)]
+        return vec.astype(np.float32)
+
+    def upsert(self, items: Sequence[tuple[int, ItemUpdate]]) -> tuple[int, int, list[Rejected]]:
+        """Apply item changes; new items become searchable before this returns."""
+        created = updated = 0
+        rejected: list[Rejected] = []
+        new_rows: list[int] = []
+        for index, item in items:
+            existing = self.catalog.ids.get(item.item_id)
+            problem = self.catalog.check(index, item, existing is not None)
+            if problem is not None:
+                rejected.append(problem)
+                continue
+            row, is_new = self.catalog.upsert(item)
+            if is_new:
+                created += 1
+                new_rows.append(row)
+            else:
+                updated += 1
+        if new_rows:
+            rows = np.asarray(new_rows, dtype=np.int64)
+            cat = self.catalog
+            vecs = np.stack(
+                [
+                    self.item_vector(int(cat.category[r]), int(cat.brand[r]), float(cat.price[r]))
+                    for r in new_rows
+                ]
+            )
+            self.retriever.add(rows, vecs)
+        return created, updated, rejected
+
+    def delete(self, item_ids: Sequence[str]) -> tuple[int, tuple[str, ...]]:
+        rows = self.catalog.lookup(item_ids)
+        for row in rows[rows >= 0].tolist():
+            self.catalog.delete(row)
+        unknown = tuple(i for i, r in zip(item_ids, rows, strict=True) if r < 0)
+        return int((rows >= 0).sum()), unknown
+
+    def live_popular_segment(self, ctx: Context, categories: Sequence[str]) -> str:
+        """The live-popularity segment a request reads."""
+        if len(categories) == 1:
+            return segment_key(ctx.country, "*", categories[0])
+        return segment_key(ctx.country, _DEVICE_NAMES[ctx.device] if ctx.device else "*")
+
+    def smoke_test(self) -> None:
+        """One query through every stage; raises if the artifact cannot serve."""
+        q, _ = self.encode(Context(), Profile(), 0.0)
+        flt, _, _ = self._compile(Context(), Filters(in_stock_only=False))
+        res = self.retriever.search(q, flt, min(10, max(1, len(self.catalog))))
+        if len(self.catalog) and (res.ids.size == 0 or not np.all(np.isfinite(res.scores))):
+            raise ValueError("smoke query returned no finite results")
+        if not math.isfinite(float(np.abs(q).sum())):
+            raise ValueError("query vector is not finite")
+
+
+_DEVICE_NAMES = ("*", "mobile", "tablet", "desktop")

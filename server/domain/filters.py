@@ -121,8 +121,22 @@ class Compiled:
         return ids[self.residual(ids)] if self.has_residual else ids
 
 
+def _set(bits: npt.NDArray[np.uint64], row: int, on: bool) -> None:
+    """Set or clear one item's bit in a bitmap (or in every row of a 2-d stack)."""
+    mask = U64(1) << U64(row & 63)
+    if on:
+        bits[..., row >> 6] |= mask
+    else:
+        bits[..., row >> 6] &= ~mask
+
+
 class FilterIndex:
-    """Per-attribute bitmaps for one catalog, built once at load (~0.2 s per 1M items)."""
+    """Per-attribute bitmaps for one catalog, built once at load (~0.2 s per 1M items)
+    and kept current by the live catalog (`update_item`).
+
+    Bitmaps are sized for `capacity` items so live additions need no reallocation;
+    `alive_bits` marks the rows that exist (not yet added or deleted rows are 0).
+    """
 
     def __init__(
         self,
@@ -134,56 +148,127 @@ class FilterIndex:
         price: npt.NDArray[np.float64],
         in_stock: npt.NDArray[np.bool_],
         country_bits: npt.NDArray[np.uint64],
+        capacity: int | None = None,
+        live_price: npt.NDArray[np.float64] | None = None,
     ) -> None:
+        """`live_price` is the catalog's (capacity-sized, mutable) price column that
+        exact price checks read; it defaults to `price`."""
         n = int(category.shape[0])
+        cap = max(n, capacity or n)
+        w = n_words(cap)
         self.n = n
-        self.all_bits = pack(np.ones(n, dtype=bool))
-        self.stock_bits = pack(np.asarray(in_stock))
-        self.country_bits = country_bits
-        self.price = np.asarray(price)
-        self.category_bits = self._category_bits(np.asarray(category), category_parent)
+        self.capacity = cap
+        self.parent = np.asarray(category_parent)
+        alive = np.zeros(cap, dtype=bool)
+        alive[:n] = True
+        self.alive_bits = pack(alive)
+        stock = np.zeros(cap, dtype=bool)
+        stock[:n] = in_stock
+        self.stock_bits = pack(stock)
+        self.country_bits = np.zeros((country_bits.shape[0], w), dtype=U64)
+        self.country_bits[:, : country_bits.shape[1]] = country_bits
+        self.category_bits = self._category_bits(np.asarray(category), w)
         # Brands can number in the thousands: keep id lists, build bitmaps on demand.
+        # Live changes go to `brand_extra` (new brand -> rows) and `brand_moved`
+        # (rows whose base-list entry is stale).
         order = np.argsort(brand, kind="stable").astype(np.int64)
         self.brand_items = order
         self.brand_indptr = np.searchsorted(brand[order], np.arange(n_brands + 1)).astype(np.int64)
-        # Cumulative price buckets: le_bits[j] = items priced <= edges[j].
+        self.brand_extra: dict[int, set[int]] = {}
+        self.brand_moved = np.zeros(w, dtype=U64)
+        # Cumulative price buckets: le_bits[j] = items priced <= edges[j]; items
+        # above the last edge (live price rises) sit in no bucket.
+        price = np.asarray(price)
+        self.price = price if live_price is None else live_price
         qs = np.linspace(0, 1, _PRICE_BUCKETS + 1)[1:]
-        self.price_edges = np.unique(np.quantile(self.price, qs)) if n else np.zeros(0)
-        price_order = np.argsort(self.price, kind="stable")
-        ends = np.searchsorted(self.price[price_order], self.price_edges, side="right")
-        self.price_le_bits = np.zeros((self.price_edges.shape[0], n_words(n)), dtype=U64)
-        running = np.zeros(n, dtype=bool)
+        self.price_edges = np.unique(np.quantile(price, qs)) if n else np.zeros(0)
+        price_order = np.argsort(price, kind="stable")
+        ends = np.searchsorted(price[price_order], self.price_edges, side="right")
+        self.price_le_bits = np.zeros((self.price_edges.shape[0], w), dtype=U64)
+        running = np.zeros(cap, dtype=bool)
         start = 0
         for j, end in enumerate(ends):
             running[price_order[start:end]] = True
             self.price_le_bits[j] = pack(running)
             start = end
 
-    def _category_bits(
-        self, category: npt.NDArray[np.int32], parent: npt.NDArray[np.int32]
-    ) -> npt.NDArray[np.uint64]:
-        k = int(parent.shape[0])
-        bits = np.zeros((k, n_words(self.n)), dtype=U64)
+    def _ancestors(self, category: int) -> list[int]:
+        chain = []
+        c = category
+        while c >= 0 and len(chain) <= self.parent.shape[0]:
+            chain.append(c)
+            c = int(self.parent[c])
+        return chain
+
+    def _category_bits(self, category: npt.NDArray[np.int32], w: int) -> npt.NDArray[np.uint64]:
+        k = int(self.parent.shape[0])
+        bits = np.zeros((k, w), dtype=U64)
         order = np.argsort(category, kind="stable")
         bounds = np.searchsorted(category[order], np.arange(k + 1))
         for c in range(k):
             members = order[bounds[c] : bounds[c + 1]].astype(np.int64)
             if members.size:
-                bits[c] = from_ids(members, self.n)
-        # Children before parents is not guaranteed: walk each category's ancestors.
-        for c in range(k):
-            if not bits[c].any():
-                continue
-            p = int(parent[c])
-            seen = 0
-            while p >= 0 and seen <= k:
-                bits[p] |= bits[c]
-                p = int(parent[p])
-                seen += 1
+                leaf = from_ids(members, w * 64)
+                for a in self._ancestors(c):
+                    bits[a] |= leaf
+        return bits
+
+    def _price_bucket(self, price: float) -> int:
+        """First j with price <= edges[j] (len(edges) if above every edge)."""
+        return int(np.searchsorted(self.price_edges, price, side="left"))
+
+    def update_item(
+        self,
+        row: int,
+        *,
+        alive: bool,
+        category: tuple[int, int] | None = None,  # (old or -1, new)
+        brand: tuple[int, int] | None = None,  # (old or -1, new)
+        price: tuple[float | None, float] | None = None,  # (old or None, new)
+        in_stock: bool | None = None,
+        countries: npt.NDArray[np.bool_] | None = None,  # (c,) availability
+    ) -> None:
+        """Apply one item's changed attributes to every bitmap (live catalog)."""
+        if category is not None:
+            old, new = category
+            if old >= 0:
+                _set(self.category_bits[self._ancestors(old)], row, False)
+            _set(self.category_bits[self._ancestors(new)], row, True)
+        if brand is not None:
+            old, new = brand
+            if old >= 0:
+                self.brand_extra.get(old, set()).discard(row)
+            if row < self.n:
+                _set(self.brand_moved, row, True)
+            self.brand_extra.setdefault(new, set()).add(row)
+        if price is not None:
+            old_price, new_price = price
+            if old_price is not None:
+                _set(self.price_le_bits[self._price_bucket(old_price) :], row, False)
+            _set(self.price_le_bits[self._price_bucket(new_price) :], row, True)
+        if in_stock is not None:
+            _set(self.stock_bits, row, in_stock)
+        if countries is not None:
+            for c, on in enumerate(countries.tolist()):
+                _set(self.country_bits[c], row, on)
+        _set(self.alive_bits, row, alive)
+
+    def _brand_bits(self, brands: tuple[int, ...]) -> npt.NDArray[np.uint64]:
+        n_bits = self.alive_bits.shape[0] * 64
+        base = [
+            self.brand_items[self.brand_indptr[b] : self.brand_indptr[b + 1]]
+            for b in brands
+            if b < self.brand_indptr.shape[0] - 1
+        ]
+        bits = from_ids(np.concatenate(base), n_bits) if base else np.zeros_like(self.alive_bits)
+        bits &= ~self.brand_moved
+        extra = [r for b in brands for r in self.brand_extra.get(b, ())]
+        if extra:
+            bits |= from_ids(np.asarray(extra, dtype=np.int64), n_bits)
         return bits
 
     def compile(self, spec: FilterSpec) -> Compiled:
-        bits = self.all_bits.copy()
+        bits = self.alive_bits.copy()
         if spec.country is not None:
             if spec.country < 0:
                 bits[:] = 0
@@ -201,13 +286,7 @@ class FilterIndex:
             bits &= ~np.bitwise_or.reduce(self.category_bits[list(spec.exclude_categories)], axis=0)
         if spec.brands is not None:
             if spec.brands:
-                ids = np.concatenate(
-                    [
-                        self.brand_items[self.brand_indptr[b] : self.brand_indptr[b + 1]]
-                        for b in spec.brands
-                    ]
-                )
-                bits &= from_ids(ids, self.n)
+                bits &= self._brand_bits(spec.brands)
             else:
                 bits[:] = 0
         if spec.min_price is not None or spec.max_price is not None:
@@ -228,7 +307,7 @@ class FilterIndex:
 
     def _price_superset(self, lo: float | None, hi: float | None) -> npt.NDArray[np.uint64]:
         edges = self.price_edges
-        bits = self.all_bits.copy()
+        bits = self.alive_bits.copy()
         if hi is not None:
             j = int(np.searchsorted(edges, hi, side="left"))
             if j < edges.shape[0]:

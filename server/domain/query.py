@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass, field
 
 # Device and placement codes follow RequestContext in the proto.
@@ -55,3 +56,79 @@ class SimilarQuery:
     context: Context = field(default_factory=Context)
     filters: Filters = field(default_factory=Filters)
     k: int = 10
+
+
+@dataclass(frozen=True, slots=True)
+class PopularQuery:
+    context: Context = field(default_factory=Context)
+    filters: Filters = field(default_factory=Filters)
+    k: int = 10
+    trending: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class RecentQuery:
+    context: Context = field(default_factory=Context)
+    filters: Filters = field(default_factory=Filters)
+    k: int = 10
+
+
+@dataclass(frozen=True, slots=True)
+class TrackedEvent:
+    """One validated event, before it is resolved against the catalog."""
+
+    kind: int  # Event.Type value
+    context: Context
+    item_id: str
+    ts_s: float
+    price: float = 0.0  # per unit, in context.currency
+    quantity: int = 1
+    query: str = ""
+    recommendation_id: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class StateEvent:
+    """What the real-time state keeps of one accepted event."""
+
+    key: str  # shopper key, see shopper_key()
+    kind: int
+    item_id: str
+    ts_s: float
+    value: float = 0.0  # purchase amount in base currency
+    segments: tuple[str, ...] = ()  # popularity segment keys this event counts in
+
+
+@dataclass(frozen=True, slots=True)
+class Profile:
+    """A shopper's real-time state. Lists are newest first."""
+
+    recent: tuple[tuple[str, float], ...] = ()  # (item_id, ts_s) of views/carts/purchases
+    cart: tuple[str, ...] = ()
+    purchased: tuple[str, ...] = ()
+    orders: int = 0
+    monetary: float = 0.0  # base currency
+    first_seen_s: float = 0.0
+    last_purchase_s: float = 0.0
+    forgotten: bool = False  # the shopper asked to be forgotten: ignore trained profile
+
+    @property
+    def empty(self) -> bool:
+        return not (self.recent or self.cart or self.purchased)
+
+
+def shopper_key(user_id: str, session_id: str) -> str:
+    """ "u:<user_id>" for a logged-in shopper, else "s:<session_id>", "" if neither."""
+    if user_id:
+        return f"u:{user_id}"
+    return f"s:{session_id}" if session_id else ""
+
+
+def key_hash(key: str) -> bytes:
+    """SHA-256 of a shopper key: what tombstones and forgotten-sets keep instead of ids."""
+    return hashlib.sha256(key.encode()).digest()
+
+
+def segment_key(country: str, device: int | str, category: str = "*") -> str:
+    """Popularity segment: country (or *), device code (or *), category (or *)."""
+    return f"{country or '*'}|{device}|{category}"

@@ -53,6 +53,32 @@ class Results:
         return cls(ids, scores, np.full(ids.shape[0], provenance, dtype=np.int8), plan)
 
 
+class Vectors:
+    """Item embeddings: the artifact's (memory-mapped) rows, then rows added live."""
+
+    def __init__(self, base: npt.NDArray[np.float32], capacity: int) -> None:
+        self.base = base
+        self.n_base = int(base.shape[0])
+        self.n = self.n_base
+        self.dim = int(base.shape[1])
+        self.live = np.zeros((max(capacity - self.n_base, 0), self.dim), dtype=np.float32)
+
+    def take(self, rows: npt.NDArray[np.int64]) -> npt.NDArray[np.float32]:
+        """(len(rows), dim) embeddings of `rows`."""
+        if rows.size == 0 or int(rows.max()) < self.n_base:
+            out: npt.NDArray[np.float32] = self.base[rows]
+            return out
+        out = np.empty((rows.shape[0], self.dim), dtype=np.float32)
+        base = rows < self.n_base
+        out[base] = self.base[rows[base]]
+        out[~base] = self.live[rows[~base] - self.n_base]
+        return out
+
+    def set_live(self, row: int, vector: npt.NDArray[np.float32]) -> None:
+        self.live[row - self.n_base] = vector
+        self.n = max(self.n, row + 1)
+
+
 @dataclass(frozen=True, slots=True)
 class SearchTuning:
     exact_scan_max_items: int = 20_000
@@ -65,27 +91,43 @@ class Retriever:
 
     def __init__(
         self,
-        embeddings: npt.NDArray[np.float32],
+        vectors: Vectors,
         index: faiss.Index,
         popularity: npt.NDArray[np.float32],
         segment_items: npt.NDArray[np.int32],
         tuning: SearchTuning,
     ) -> None:
-        self.embeddings = embeddings
+        self.vectors = vectors
         self.index = index
         self.tuning = tuning
         self.segment_items = segment_items
-        self.n = int(embeddings.shape[0])
-        # Catalog bestsellers, best first; ties to the smaller index.
-        self.popular_order = np.lexsort((np.arange(self.n), -np.asarray(popularity))).astype(
-            np.int64
-        )
-        self.popular_rank = np.empty(self.n, dtype=np.int64)
-        self.popular_rank[self.popular_order] = np.arange(self.n)
+        # Catalog bestsellers, best first; ties to the smaller index. Live rows
+        # have no history: they rank after every trained item.
+        n = vectors.n_base
+        self.popular_order = np.lexsort((np.arange(n), -np.asarray(popularity))).astype(np.int64)
+        self.popular_rank = np.full(vectors.live.shape[0] + n, n, dtype=np.int64)
+        self.popular_rank[self.popular_order] = np.arange(n)
         try:
             self._ivf: faiss.IndexIVF | None = faiss.extract_index_ivf(index)
         except RuntimeError:
             self._ivf = None
+
+    @property
+    def n(self) -> int:
+        return self.vectors.n
+
+    def add(self, rows: npt.NDArray[np.int64], vectors: npt.NDArray[np.float32]) -> None:
+        """Make new rows searchable (rows must continue the index's id sequence)."""
+        if rows.size == 0:
+            return
+        if int(rows[0]) != self.index.ntotal:
+            raise RuntimeError(
+                f"live rows start at {int(rows[0])}, index holds {self.index.ntotal}"
+            )
+        for row, vec in zip(rows.tolist(), vectors, strict=True):
+            self.vectors.set_live(row, vec)
+        self.index.add(np.ascontiguousarray(vectors, dtype=np.float32))
+        self.popular_order = np.concatenate([self.popular_order, rows])
 
     # Personalised and item-to-item search.
     def search(self, query: npt.NDArray[np.float32], flt: Compiled, k: int) -> Results:
@@ -106,7 +148,7 @@ class Retriever:
         self, query: npt.NDArray[np.float32], flt: Compiled, k: int, plan: str = "exact"
     ) -> Results:
         ids = flt.passing_ids()
-        scores = self.embeddings[ids] @ query
+        scores = self.vectors.take(ids) @ query
         ids, scores = top_k(ids, scores.astype(np.float32, copy=False), k)
         return Results.of(ids, scores, Provenance.EXACT_SCAN, plan)
 

@@ -65,6 +65,29 @@ class Metrics:
             "Unix time the served artifact was loaded.",
             registry=registry,
         )
+        self.events = Counter(
+            "endcap_events_total",
+            "Shopper events received, by outcome (accepted, rejected).",
+            ["outcome"],
+            registry=registry,
+        )
+        self.event_lag = Histogram(
+            "endcap_event_lag_seconds",
+            "Time from an event happening (its timestamp) to the server accepting it.",
+            buckets=(0.01, 0.05, 0.1, 0.5, 1, 5, 30, 60, 300, 3600),
+            registry=registry,
+        )
+        self.state_degraded = Gauge(
+            "endcap_state_degraded",
+            "1 while the shared state backend (Redis) is unavailable and local state serves.",
+            registry=registry,
+        )
+        self.reloads = Counter(
+            "endcap_model_reloads_total",
+            "Model reload attempts, by outcome (ok, refused).",
+            ["outcome"],
+            registry=registry,
+        )
         self.model_created = Gauge(
             "endcap_model_created_timestamp_seconds",
             "Unix time the served artifact was built (alert on model age).",

@@ -31,6 +31,15 @@ class Settings:
     ann_overfetch: float = 1.5  # fetch k * this from ANN, then mask and truncate
     grace_s: float = 5.0  # drain time for in-flight requests on SIGTERM
     verify_checksums: bool = True
+    reload_poll_s: float = 0.0  # >0: watch the artifact root's LATEST and reload on change
+    live_capacity: int = 100_000  # items UpsertItems may add before the next retrain
+    state_backend: str = "memory"  # memory | redis
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    redis_timeout_s: float = 0.05  # past this, a request falls back to local state
+    max_profiles: int = 1_000_000  # in-memory shoppers kept (LRU)
+    profile_ttl_s: float = 30 * 86_400.0
+    event_log: str = ""  # directory of the durable event log; "" disables it
+    fsync: str = "always"  # always | interval | never
     max_message_bytes: int = 4 * 1024 * 1024
     log_level: str = "INFO"
 
@@ -60,6 +69,19 @@ class Settings:
             raise SettingsError(f"ann_overfetch must be >= 1.0, got {self.ann_overfetch}")
         if self.grace_s < 0:
             raise SettingsError(f"grace_s must be >= 0, got {self.grace_s}")
+        if self.state_backend not in {"memory", "redis"}:
+            raise SettingsError(f"state_backend must be memory or redis, got {self.state_backend}")
+        if self.fsync not in {"always", "interval", "never"}:
+            raise SettingsError(f"fsync must be always, interval or never, got {self.fsync}")
+        for name in (
+            "reload_poll_s",
+            "redis_timeout_s",
+            "profile_ttl_s",
+            "live_capacity",
+            "max_profiles",
+        ):
+            if getattr(self, name) < 0:
+                raise SettingsError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.log_level.upper() not in {"DEBUG", "INFO", "WARNING", "ERROR"}:
             raise SettingsError(
                 f"log_level must be DEBUG, INFO, WARNING or ERROR, got {self.log_level}"

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 import uuid
-from collections.abc import Callable
-from typing import TypeVar
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
 
 import grpc
 from google.protobuf import any_pb2
@@ -15,32 +17,46 @@ from grpc_status import rpc_status
 
 from endcap.v1 import recommender_pb2 as pb
 from endcap.v1 import recommender_pb2_grpc as pb_grpc
+from server.artifact import ArtifactError
+from server.domain.catalog import ItemUpdate, Rejected
 from server.domain.engine import Answer, Engine
 from server.domain.errors import InvalidQuery, UnknownItems
+from server.domain.query import Context, Profile, shopper_key
 from server.infra.metrics import Metrics
+from server.state.eventlog import EventLog
+from server.state.store import StateStore
 from server.transport import validate
 from server.transport.validate import InvalidRequest
 
 log = logging.getLogger(__name__)
 
-Q = TypeVar("Q")
+Ctx = grpc.aio.ServicerContext[object, object]
+MAX_LISTED_REJECTIONS = 1000
 
 
+@dataclass
 class EngineHolder:
-    """The engine currently served; swapped whole on reload, None until one loads."""
+    """The engine currently served (swapped whole on reload; None until one loads) and
+    the live catalog changes applied since startup, replayed onto a reloaded engine."""
 
-    def __init__(self, engine: Engine | None = None) -> None:
-        self.current = engine
+    current: Engine | None = None
+    journal: list[tuple[str, ItemUpdate | str]] = field(default_factory=list)
 
 
-def _status(code: int, message: str, field: str | None = None) -> grpc.Status:
+class NoModel(Exception):
+    pass
+
+
+def _status(code: int, message: str, field_name: str | None = None) -> grpc.Status:
     status = status_pb2.Status(code=code, message=message)
-    if field is not None:
+    if field_name is not None:
         detail = any_pb2.Any()
         detail.Pack(
             error_details_pb2.BadRequest(
                 field_violations=[
-                    error_details_pb2.BadRequest.FieldViolation(field=field, description=message)
+                    error_details_pb2.BadRequest.FieldViolation(
+                        field=field_name, description=message
+                    )
                 ]
             )
         )
@@ -48,93 +64,138 @@ def _status(code: int, message: str, field: str | None = None) -> grpc.Status:
     return rpc_status.to_status(status)
 
 
+def _status_for(exc: Exception) -> grpc.Status | None:
+    """The one place exceptions become status codes; None = a bug (INTERNAL)."""
+    if isinstance(exc, InvalidRequest | InvalidQuery):
+        return _status(code_pb2.INVALID_ARGUMENT, str(exc), exc.field)
+    if isinstance(exc, UnknownItems):
+        return _status(code_pb2.NOT_FOUND, str(exc), exc.field)
+    if isinstance(exc, NoModel):
+        return _status(code_pb2.UNAVAILABLE, "no model loaded yet; retry shortly")
+    if isinstance(exc, ArtifactError):
+        return _status(code_pb2.FAILED_PRECONDITION, f"artifact refused: {exc}")
+    return None
+
+
+Req = TypeVar("Req")
+Resp = TypeVar("Resp")
+Handler = Callable[[Any, Req, Ctx], Awaitable[Resp]]
+
+
+def _guarded(handler: Handler[Req, Resp]) -> Handler[Req, Resp]:
+    """Map domain and validation errors to a status; let anything else be INTERNAL."""
+
+    @functools.wraps(handler)
+    async def guarded(self: Any, request: Req, context: Ctx) -> Resp:
+        try:
+            return await handler(self, request, context)
+        except Exception as exc:
+            status = _status_for(exc)
+            if status is None:
+                raise
+            await context.abort_with_status(status)
+            raise AssertionError("abort_with_status returned") from exc
+
+    return guarded
+
+
+def _rejection(r: Rejected, prefix: str) -> pb.EventRejection:
+    return pb.EventRejection(index=r.index, field=f"{prefix}[{r.index}].{r.field}", reason=r.reason)
+
+
 class RecommenderServicer(pb_grpc.RecommenderServicer):
-    def __init__(self, holder: EngineHolder, metrics: Metrics) -> None:
+    def __init__(
+        self,
+        holder: EngineHolder,
+        metrics: Metrics,
+        store: StateStore,
+        events: EventLog | None = None,
+        reload: Callable[[str], Awaitable[tuple[str, str]]] | None = None,
+    ) -> None:
         self._holder = holder
         self._metrics = metrics
+        self._store = store
+        self._events = events
+        self._reload = reload
 
-    async def _serve(
-        self,
-        context: grpc.aio.ServicerContext[object, object],
-        parse: Callable[[], Q],
-        run: Callable[[Engine, Q], Answer],
-    ) -> tuple[Engine, Answer]:
-        """Validate, run on the current engine, map every error to one status."""
+    def _engine(self) -> Engine:
         engine = self._holder.current
-        try:
-            query = parse()
-            if engine is None:
-                raise _Unavailable
-            start = time.perf_counter()
-            answer = run(engine, query)
-            self._metrics.retrieval.labels(answer.results.plan).observe(time.perf_counter() - start)
-        except (InvalidRequest, InvalidQuery) as exc:
-            await context.abort_with_status(_status(code_pb2.INVALID_ARGUMENT, str(exc), exc.field))
-        except UnknownItems as exc:
-            await context.abort_with_status(_status(code_pb2.NOT_FOUND, str(exc), exc.field))
-        except _Unavailable:
-            await context.abort_with_status(
-                _status(code_pb2.UNAVAILABLE, "no model loaded yet; retry shortly")
-            )
-        assert engine is not None
-        return engine, answer
+        if engine is None:
+            raise NoModel
+        return engine
 
-    def _items(self, engine: Engine, answer: Answer, out: list[pb.RecommendedItem]) -> None:
+    def _run(self, engine: Engine, run: Callable[[], Answer]) -> Answer:
+        start = time.perf_counter()
+        answer = run()
+        self._metrics.retrieval.labels(answer.results.plan).observe(time.perf_counter() - start)
+        return answer
+
+    async def _profile(self, ctx: Context) -> Profile:
+        key = shopper_key(ctx.user_id, ctx.session_id)
+        return await self._store.profile(key) if key else Profile()
+
+    def _items(self, engine: Engine, answer: Answer) -> list[pb.RecommendedItem]:
         cat = engine.catalog
         res = answer.results
         ids = res.ids
-        for item_id, score, price, category, brand, stock, prov in zip(
-            cat.item_ids[ids].tolist(),
-            res.scores.tolist(),
-            (cat.price[ids] * answer.rate).tolist(),
-            cat.category[ids].tolist(),
-            cat.brand[ids].tolist(),
-            cat.in_stock[ids].tolist(),
-            res.provenance.tolist(),
-            strict=True,
-        ):
-            out.append(
-                pb.RecommendedItem(
-                    item_id=item_id,
-                    score=score,
-                    price=price,
-                    currency=answer.currency,
-                    category=cat.category_names[category],
-                    brand=cat.brand_names[brand],
-                    in_stock=stock,
-                    provenance=prov,
-                )
+        out = [
+            pb.RecommendedItem(
+                item_id=item_id,
+                score=score,
+                price=price,
+                currency=answer.currency,
+                category=cat.category_names[category],
+                brand=cat.brand_names[brand],
+                in_stock=stock,
+                provenance=prov,
             )
+            for item_id, score, price, category, brand, stock, prov in zip(
+                cat.item_ids(ids),
+                res.scores.tolist(),
+                (cat.price[ids] * answer.rate).tolist(),
+                cat.category[ids].tolist(),
+                cat.brand[ids].tolist(),
+                cat.in_stock[ids].tolist(),
+                res.provenance.tolist(),
+                strict=True,
+            )
+        ]
         counts: dict[int, int] = {}
         for prov in res.provenance.tolist():
             counts[prov] = counts.get(prov, 0) + 1
         for prov, n in counts.items():
             self._metrics.items_served.labels(_PROVENANCE_LABELS[prov]).inc(n)
+        return out
 
-    async def Recommend(
-        self, request: pb.RecommendRequest, context: grpc.aio.ServicerContext[object, object]
-    ) -> pb.RecommendResponse:
-        engine, answer = await self._serve(
-            context, lambda: validate.recommend(request), Engine.recommend
-        )
-        items: list[pb.RecommendedItem] = []
-        self._items(engine, answer, items)
+    # Reads.
+    @_guarded
+    async def Recommend(self, request: pb.RecommendRequest, context: Ctx) -> pb.RecommendResponse:
+        query = validate.recommend(request)
+        engine = self._engine()
+        profile = await self._profile(query.context)
+        live: Sequence[str] = ()
+        if not engine.is_personal(query.context, profile):
+            segment = engine.live_popular_segment(query.context, ())
+            live = [item for item, _ in await self._store.top(segment, 4 * query.k, False)]
+        now = time.time()
+        answer = self._run(engine, lambda: engine.recommend(query, profile, live, now))
         return pb.RecommendResponse(
-            items=items,
+            items=self._items(engine, answer),
             recommendation_id=uuid.uuid4().hex,
             model_version=engine.model_version,
             currency=answer.currency,
             personalized=answer.personalized,
         )
 
-    async def Rerank(
-        self, request: pb.RerankRequest, context: grpc.aio.ServicerContext[object, object]
-    ) -> pb.RerankResponse:
-        engine, answer = await self._serve(context, lambda: validate.rerank(request), Engine.rerank)
-        items: list[pb.RecommendedItem] = []
-        self._items(engine, answer, items)
+    @_guarded
+    async def Rerank(self, request: pb.RerankRequest, context: Ctx) -> pb.RerankResponse:
+        query = validate.rerank(request)
+        engine = self._engine()
+        profile = await self._profile(query.context)
+        now = time.time()
+        answer = self._run(engine, lambda: engine.rerank(query, profile, now))
         return pb.RerankResponse(
-            items=items,
+            items=self._items(engine, answer),
             unknown_item_ids=answer.unknown_ids,
             filtered_item_ids=answer.filtered_ids,
             recommendation_id=uuid.uuid4().hex,
@@ -143,24 +204,168 @@ class RecommenderServicer(pb_grpc.RecommenderServicer):
             personalized=answer.personalized,
         )
 
+    @_guarded
     async def SimilarItems(
-        self, request: pb.SimilarItemsRequest, context: grpc.aio.ServicerContext[object, object]
+        self, request: pb.SimilarItemsRequest, context: Ctx
     ) -> pb.SimilarItemsResponse:
-        engine, answer = await self._serve(
-            context, lambda: validate.similar(request), Engine.similar
-        )
-        items: list[pb.RecommendedItem] = []
-        self._items(engine, answer, items)
+        query = validate.similar(request)
+        engine = self._engine()
+        answer = self._run(engine, lambda: engine.similar(query))
         return pb.SimilarItemsResponse(
-            items=items,
+            items=self._items(engine, answer),
             recommendation_id=uuid.uuid4().hex,
             model_version=engine.model_version,
             currency=answer.currency,
         )
 
+    @_guarded
+    async def Popular(self, request: pb.PopularRequest, context: Ctx) -> pb.PopularResponse:
+        query = validate.popular(request)
+        engine = self._engine()
+        segment = engine.live_popular_segment(query.context, query.filters.include_categories)
+        live = [item for item, _ in await self._store.top(segment, 4 * query.k, query.trending)]
+        answer = self._run(engine, lambda: engine.popular(query, live))
+        return pb.PopularResponse(
+            items=self._items(engine, answer),
+            recommendation_id=uuid.uuid4().hex,
+            model_version=engine.model_version,
+            currency=answer.currency,
+            segment=answer.segment,
+        )
 
-class _Unavailable(Exception):
-    pass
+    @_guarded
+    async def RecentlyViewed(
+        self, request: pb.RecentlyViewedRequest, context: Ctx
+    ) -> pb.RecentlyViewedResponse:
+        query = validate.recently_viewed(request)
+        engine = self._engine()
+        profile = await self._profile(query.context)
+        answer = self._run(engine, lambda: engine.recently_viewed(query, profile))
+        return pb.RecentlyViewedResponse(
+            items=self._items(engine, answer),
+            recommendation_id=uuid.uuid4().hex,
+            currency=answer.currency,
+        )
+
+    # Events.
+    async def _track(
+        self, msgs: Sequence[pb.Event], offset: int
+    ) -> tuple[int, list[pb.EventRejection]]:
+        """Validate, log durably, apply to state. Returns (accepted, rejections)."""
+        engine = self._engine()
+        now = time.time()
+        good, bad = validate.events(msgs, now, offset)
+        resolved, unresolved = engine.resolve_events(good)
+        rejections = [
+            pb.EventRejection(
+                index=i, event_id=msgs[i - offset].event_id, field=e.field, reason=e.reason
+            )
+            for i, e in bad
+        ]
+        rejections += [
+            pb.EventRejection(
+                index=r.index,
+                event_id=msgs[r.index - offset].event_id,
+                field=f"events[{r.index}].{r.field}",
+                reason=r.reason,
+            )
+            for r in unresolved
+        ]
+        rejections.sort(key=lambda r: r.index)
+        if resolved:
+            if self._events is not None:
+                await self._events.append_events(
+                    [msgs[i - offset] for i, _ in resolved], int(now * 1000)
+                )
+            await self._store.apply([ev for _, ev in resolved])
+        self._metrics.events.labels("accepted").inc(len(resolved))
+        self._metrics.events.labels("rejected").inc(len(rejections))
+        return len(resolved), rejections
+
+    @_guarded
+    async def TrackEvents(
+        self, request: pb.TrackEventsRequest, context: Ctx
+    ) -> pb.TrackEventsResponse:
+        accepted, rejected = await self._track(request.events, 0)
+        return pb.TrackEventsResponse(accepted=accepted, rejected=rejected)
+
+    @_guarded
+    async def StreamEvents(
+        self, request_iterator: AsyncIterator[pb.StreamEventsRequest], context: Ctx
+    ) -> pb.StreamEventsResponse:
+        accepted = rejected_count = offset = 0
+        listed: list[pb.EventRejection] = []
+        async for batch in request_iterator:
+            n_ok, rejected = await self._track(batch.events, offset)
+            accepted += n_ok
+            rejected_count += len(rejected)
+            listed.extend(rejected[: MAX_LISTED_REJECTIONS - len(listed)])
+            offset += len(batch.events)
+        return pb.StreamEventsResponse(
+            accepted=accepted, rejected=listed, rejected_count=rejected_count
+        )
+
+    # Admin.
+    @_guarded
+    async def UpsertItems(
+        self, request: pb.UpsertItemsRequest, context: Ctx
+    ) -> pb.UpsertItemsResponse:
+        items = validate.upsert_items(request)
+        engine = self._engine()
+        created, updated, rejected = engine.upsert(items)
+        bad = {r.index for r in rejected}
+        self._holder.journal.extend(("upsert", it) for i, it in items if i not in bad)
+        self._metrics.catalog_items.set(len(engine.catalog))
+        return pb.UpsertItemsResponse(
+            created=created,
+            updated=updated,
+            rejected=[_rejection(r, "items") for r in rejected],
+        )
+
+    @_guarded
+    async def DeleteItems(
+        self, request: pb.DeleteItemsRequest, context: Ctx
+    ) -> pb.DeleteItemsResponse:
+        ids = validate.delete_items(request)
+        engine = self._engine()
+        deleted, unknown = engine.delete(ids)
+        self._holder.journal.extend(("delete", i) for i in ids)
+        self._metrics.catalog_items.set(len(engine.catalog))
+        return pb.DeleteItemsResponse(deleted=deleted, unknown_item_ids=unknown)
+
+    @_guarded
+    async def ForgetUser(
+        self, request: pb.ForgetUserRequest, context: Ctx
+    ) -> pb.ForgetUserResponse:
+        user_id, session_id = validate.forget_user(request)
+        engine = self._holder.current
+        removed = tombstoned = 0
+        suppressed = False
+        for uid, sid in ((user_id, ""), ("", session_id)):
+            key = shopper_key(uid, sid)
+            if not key:
+                continue
+            if uid and engine is not None:
+                suppressed = engine.user_index.get(uid) is not None
+            removed += await self._store.forget(key)
+            if self._events is not None:
+                tombstoned += await self._events.forget(uid, sid, int(time.time() * 1000))
+        log.info("forgot a shopper: %d state entries, %d logged events", removed, tombstoned)
+        return pb.ForgetUserResponse(
+            state_entries_removed=removed,
+            events_tombstoned=tombstoned,
+            trained_profile_suppressed=suppressed,
+        )
+
+    @_guarded
+    async def ReloadModel(
+        self, request: pb.ReloadModelRequest, context: Ctx
+    ) -> pb.ReloadModelResponse:
+        version = validate.reload_model(request)
+        if self._reload is None:
+            raise NoModel
+        new, old = await self._reload(version)
+        return pb.ReloadModelResponse(model_version=new, previous_model_version=old)
 
 
 _PROVENANCE_LABELS = {

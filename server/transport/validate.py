@@ -7,7 +7,17 @@ import re
 from collections.abc import Sequence
 
 from endcap.v1 import recommender_pb2 as pb
-from server.domain.query import Context, Filters, RecommendQuery, RerankQuery, SimilarQuery
+from server.domain.catalog import ItemUpdate
+from server.domain.query import (
+    Context,
+    Filters,
+    PopularQuery,
+    RecentQuery,
+    RecommendQuery,
+    RerankQuery,
+    SimilarQuery,
+    TrackedEvent,
+)
 
 MAX_RESULTS = 500
 DEFAULT_RESULTS = 10
@@ -162,3 +172,159 @@ def similar(msg: pb.SimilarItemsRequest) -> SimilarQuery:
         filters=filters(msg.filters),
         k=_num_results("num_results", msg.num_results, DEFAULT_RESULTS),
     )
+
+
+MAX_EVENTS = 1000
+MAX_UPSERT = 10_000
+MAX_FUTURE_S = 300.0
+_EVENT_TYPES = frozenset(pb.Event.Type.values()) - {pb.Event.TYPE_UNSPECIFIED}
+_NEEDS_ITEM = {
+    pb.Event.VIEW,
+    pb.Event.ADD_TO_CART,
+    pb.Event.REMOVE_FROM_CART,
+    pb.Event.PURCHASE,
+    pb.Event.RECOMMENDATION_CLICK,
+}
+_NEEDS_REC_ID = {pb.Event.RECOMMENDATION_IMPRESSION, pb.Event.RECOMMENDATION_CLICK}
+
+
+def popular(msg: pb.PopularRequest) -> PopularQuery:
+    if msg.kind not in pb.PopularRequest.Kind.values():
+        raise InvalidRequest("kind", f"unknown value {msg.kind}")
+    return PopularQuery(
+        context=context(msg.context),
+        filters=filters(msg.filters),
+        k=_num_results("num_results", msg.num_results, DEFAULT_RESULTS),
+        trending=msg.kind == pb.PopularRequest.TRENDING,
+    )
+
+
+def recently_viewed(msg: pb.RecentlyViewedRequest) -> RecentQuery:
+    ctx = context(msg.context)
+    if not ctx.user_id and not ctx.session_id:
+        raise InvalidRequest("context.user_id", "user_id or session_id is required")
+    return RecentQuery(
+        context=ctx,
+        filters=filters(msg.filters),
+        k=_num_results("num_results", msg.num_results, DEFAULT_RESULTS),
+    )
+
+
+def event(msg: pb.Event, prefix: str, now_s: float) -> TrackedEvent:
+    """One event of a batch; field names in errors carry `prefix` (e.g. "events[3]")."""
+    if msg.type not in _EVENT_TYPES:
+        raise InvalidRequest(f"{prefix}.type", f"must be a known event type, got {msg.type}")
+    try:
+        ctx = context(msg.context)
+    except InvalidRequest as exc:
+        raise InvalidRequest(f"{prefix}.{exc.field}", exc.reason) from None
+    if not ctx.user_id and not ctx.session_id:
+        raise InvalidRequest(f"{prefix}.context.user_id", "user_id or session_id is required")
+    item_id = _text(f"{prefix}.item_id", msg.item_id, MAX_ID_CHARS)
+    if msg.type in _NEEDS_ITEM and not item_id:
+        raise InvalidRequest(f"{prefix}.item_id", "is required for this event type")
+    if msg.type in _NEEDS_REC_ID and not msg.recommendation_id:
+        raise InvalidRequest(f"{prefix}.recommendation_id", "is required for this event type")
+    ts = now_s
+    if msg.HasField("timestamp"):
+        ts = msg.timestamp.seconds + msg.timestamp.nanos / 1e9
+        if ts <= 0 or ts > now_s + MAX_FUTURE_S:
+            raise InvalidRequest(
+                f"{prefix}.timestamp", "must be after 1970 and at most 5 minutes in the future"
+            )
+    if not math.isfinite(msg.price) or msg.price < 0:
+        raise InvalidRequest(f"{prefix}.price", f"must be a finite number >= 0, got {msg.price}")
+    if msg.quantity < 0 or msg.quantity > 10_000:
+        raise InvalidRequest(f"{prefix}.quantity", f"must be in [0, 10000], got {msg.quantity}")
+    return TrackedEvent(
+        kind=msg.type,
+        context=ctx,
+        item_id=item_id,
+        ts_s=ts,
+        price=msg.price,
+        quantity=msg.quantity or 1,
+        query=_text(f"{prefix}.query", msg.query),
+        recommendation_id=_text(f"{prefix}.recommendation_id", msg.recommendation_id, MAX_ID_CHARS),
+    )
+
+
+def events(
+    msgs: Sequence[pb.Event], now_s: float, offset: int = 0
+) -> tuple[list[tuple[int, TrackedEvent]], list[tuple[int, InvalidRequest]]]:
+    """Validate each event on its own: (index, event) accepted, (index, error) rejected."""
+    if not msgs:
+        raise InvalidRequest("events", f"must have 1 to {MAX_EVENTS} events, got 0")
+    if len(msgs) > MAX_EVENTS:
+        raise InvalidRequest("events", f"must have at most {MAX_EVENTS} events, got {len(msgs)}")
+    good: list[tuple[int, TrackedEvent]] = []
+    bad: list[tuple[int, InvalidRequest]] = []
+    for i, msg in enumerate(msgs):
+        try:
+            good.append((offset + i, event(msg, f"events[{offset + i}]", now_s)))
+        except InvalidRequest as exc:
+            bad.append((offset + i, exc))
+    return good, bad
+
+
+def upsert_items(msg: pb.UpsertItemsRequest) -> list[tuple[int, ItemUpdate]]:
+    if not 1 <= len(msg.items) <= MAX_UPSERT:
+        raise InvalidRequest("items", f"must have 1 to {MAX_UPSERT} items, got {len(msg.items)}")
+    out = []
+    seen: set[str] = set()
+    for i, item in enumerate(msg.items):
+        field = f"items[{i}]"
+        if not item.item_id:
+            raise InvalidRequest(f"{field}.item_id", "must not be empty")
+        _text(f"{field}.item_id", item.item_id, MAX_ID_CHARS)
+        if item.item_id in seen:
+            raise InvalidRequest(f"{field}.item_id", f"duplicate id {item.item_id!r}")
+        seen.add(item.item_id)
+        if item.HasField("price") and (not math.isfinite(item.price) or item.price <= 0):
+            raise InvalidRequest(f"{field}.price", f"must be a finite number > 0, got {item.price}")
+        currency = item.currency.upper()
+        if currency and not _CURRENCY.fullmatch(currency):
+            raise InvalidRequest(
+                f"{field}.currency", f"must be an ISO 4217 code, got {item.currency!r}"
+            )
+        countries = tuple(c.upper() for c in item.countries)
+        for j, c in enumerate(countries):
+            if not _COUNTRY.fullmatch(c):
+                raise InvalidRequest(
+                    f"{field}.countries[{j}]", f"must be ISO 3166-1 alpha-2, got {c!r}"
+                )
+        out.append(
+            (
+                i,
+                ItemUpdate(
+                    item_id=item.item_id,
+                    category=_text(f"{field}.category", item.category),
+                    brand=_text(f"{field}.brand", item.brand),
+                    price=item.price if item.HasField("price") else None,
+                    currency=currency,
+                    countries=countries,
+                    in_stock=item.in_stock if item.HasField("in_stock") else None,
+                ),
+            )
+        )
+    return out
+
+
+def delete_items(msg: pb.DeleteItemsRequest) -> tuple[str, ...]:
+    if not msg.item_ids:
+        raise InvalidRequest("item_ids", f"must have 1 to {MAX_UPSERT} ids, got 0")
+    return _ids("item_ids", msg.item_ids, MAX_UPSERT, unique=False)
+
+
+def forget_user(msg: pb.ForgetUserRequest) -> tuple[str, str]:
+    user_id = _text("user_id", msg.user_id, MAX_ID_CHARS)
+    session_id = _text("session_id", msg.session_id, MAX_ID_CHARS)
+    if not user_id and not session_id:
+        raise InvalidRequest("user_id", "user_id or session_id is required")
+    return user_id, session_id
+
+
+def reload_model(msg: pb.ReloadModelRequest) -> str:
+    version = _text("version", msg.version, MAX_ID_CHARS)
+    if version and (version.startswith(".") or "/" in version or "\\" in version):
+        raise InvalidRequest("version", f"must be a version directory name, got {version!r}")
+    return version

@@ -22,39 +22,82 @@ _runtime_version.ValidateProtobufRuntimeVersion(
 _sym_db = _symbol_database.Default()
 
 
+from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1b\x65ndcap/v1/recommender.proto\x12\tendcap.v1\"\xed\x03\n\x0eRequestContext\x12\x0f\n\x07user_id\x18\x01 \x01(\t\x12\x12\n\nsession_id\x18\x02 \x01(\t\x12\x30\n\x06\x64\x65vice\x18\x03 \x01(\x0e\x32 .endcap.v1.RequestContext.Device\x12\n\n\x02os\x18\x04 \x01(\t\x12\x0f\n\x07\x63ountry\x18\x05 \x01(\t\x12\x0e\n\x06region\x18\x06 \x01(\t\x12\x0c\n\x04\x63ity\x18\x07 \x01(\t\x12\x10\n\x08language\x18\x08 \x01(\t\x12\x10\n\x08\x63urrency\x18\t \x01(\t\x12\x16\n\x0etraffic_source\x18\n \x01(\t\x12\x36\n\tplacement\x18\x0b \x01(\x0e\x32#.endcap.v1.RequestContext.Placement\"E\n\x06\x44\x65vice\x12\x16\n\x12\x44\x45VICE_UNSPECIFIED\x10\x00\x12\n\n\x06MOBILE\x10\x01\x12\n\n\x06TABLET\x10\x02\x12\x0b\n\x07\x44\x45SKTOP\x10\x03\"\x8d\x01\n\tPlacement\x12\x19\n\x15PLACEMENT_UNSPECIFIED\x10\x00\x12\x08\n\x04HOME\x10\x01\x12\x0c\n\x08\x43\x41TEGORY\x10\x02\x12\x0b\n\x07PRODUCT\x10\x03\x12\x08\n\x04\x43\x41RT\x10\x04\x12\x0c\n\x08\x43HECKOUT\x10\x05\x12\t\n\x05\x45MAIL\x10\x06\x12\n\n\x06SEARCH\x10\x07\x12\x11\n\rPOST_PURCHASE\x10\x08\"\xe5\x01\n\x07\x46ilters\x12\x16\n\tmin_price\x18\x01 \x01(\x01H\x00\x88\x01\x01\x12\x16\n\tmax_price\x18\x02 \x01(\x01H\x01\x88\x01\x01\x12\x1a\n\x12include_categories\x18\x03 \x03(\t\x12\x1a\n\x12\x65xclude_categories\x18\x04 \x03(\t\x12\x0e\n\x06\x62rands\x18\x05 \x03(\t\x12\x1a\n\rin_stock_only\x18\x06 \x01(\x08H\x02\x88\x01\x01\x12\x18\n\x10\x65xclude_item_ids\x18\x07 \x03(\tB\x0c\n\n_min_priceB\x0c\n\n_max_priceB\x10\n\x0e_in_stock_only\"\xd5\x02\n\x0fRecommendedItem\x12\x0f\n\x07item_id\x18\x01 \x01(\t\x12\r\n\x05score\x18\x02 \x01(\x02\x12\r\n\x05price\x18\x03 \x01(\x01\x12\x10\n\x08\x63urrency\x18\x04 \x01(\t\x12\x10\n\x08\x63\x61tegory\x18\x05 \x01(\t\x12\r\n\x05\x62rand\x18\x06 \x01(\t\x12\x10\n\x08in_stock\x18\x07 \x01(\x08\x12\x39\n\nprovenance\x18\x08 \x01(\x0e\x32%.endcap.v1.RecommendedItem.Provenance\"\x92\x01\n\nProvenance\x12\x1a\n\x16PROVENANCE_UNSPECIFIED\x10\x00\x12\x11\n\rANN_RETRIEVAL\x10\x01\x12\x0e\n\nEXACT_SCAN\x10\x02\x12\x16\n\x12SEGMENT_POPULARITY\x10\x03\x12\x15\n\x11GLOBAL_POPULARITY\x10\x04\x12\x16\n\x12RERANKED_CANDIDATE\x10\x05\"x\n\x10RecommendRequest\x12*\n\x07\x63ontext\x18\x01 \x01(\x0b\x32\x19.endcap.v1.RequestContext\x12#\n\x07\x66ilters\x18\x02 \x01(\x0b\x32\x12.endcap.v1.Filters\x12\x13\n\x0bnum_results\x18\x03 \x01(\x05\"\x98\x01\n\x11RecommendResponse\x12)\n\x05items\x18\x01 \x03(\x0b\x32\x1a.endcap.v1.RecommendedItem\x12\x19\n\x11recommendation_id\x18\x02 \x01(\t\x12\x15\n\rmodel_version\x18\x03 \x01(\t\x12\x10\n\x08\x63urrency\x18\x04 \x01(\t\x12\x14\n\x0cpersonalized\x18\x05 \x01(\x08\"\x91\x01\n\rRerankRequest\x12*\n\x07\x63ontext\x18\x01 \x01(\x0b\x32\x19.endcap.v1.RequestContext\x12#\n\x07\x66ilters\x18\x02 \x01(\x0b\x32\x12.endcap.v1.Filters\x12\x1a\n\x12\x63\x61ndidate_item_ids\x18\x03 \x03(\t\x12\x13\n\x0bnum_results\x18\x04 \x01(\x05\"\xca\x01\n\x0eRerankResponse\x12)\n\x05items\x18\x01 \x03(\x0b\x32\x1a.endcap.v1.RecommendedItem\x12\x18\n\x10unknown_item_ids\x18\x02 \x03(\t\x12\x19\n\x11\x66iltered_item_ids\x18\x03 \x03(\t\x12\x19\n\x11recommendation_id\x18\x04 \x01(\t\x12\x15\n\rmodel_version\x18\x05 \x01(\t\x12\x10\n\x08\x63urrency\x18\x06 \x01(\t\x12\x14\n\x0cpersonalized\x18\x07 \x01(\x08\"\x92\x01\n\x13SimilarItemsRequest\x12*\n\x07\x63ontext\x18\x01 \x01(\x0b\x32\x19.endcap.v1.RequestContext\x12#\n\x07\x66ilters\x18\x02 \x01(\x0b\x32\x12.endcap.v1.Filters\x12\x15\n\rseed_item_ids\x18\x03 \x03(\t\x12\x13\n\x0bnum_results\x18\x04 \x01(\x05\"\x85\x01\n\x14SimilarItemsResponse\x12)\n\x05items\x18\x01 \x03(\x0b\x32\x1a.endcap.v1.RecommendedItem\x12\x19\n\x11recommendation_id\x18\x02 \x01(\t\x12\x15\n\rmodel_version\x18\x03 \x01(\t\x12\x10\n\x08\x63urrency\x18\x04 \x01(\t2\xe5\x01\n\x0bRecommender\x12\x46\n\tRecommend\x12\x1b.endcap.v1.RecommendRequest\x1a\x1c.endcap.v1.RecommendResponse\x12=\n\x06Rerank\x12\x18.endcap.v1.RerankRequest\x1a\x19.endcap.v1.RerankResponse\x12O\n\x0cSimilarItems\x12\x1e.endcap.v1.SimilarItemsRequest\x1a\x1f.endcap.v1.SimilarItemsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1b\x65ndcap/v1/recommender.proto\x12\tendcap.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\xed\x03\n\x0eRequestContext\x12\x0f\n\x07user_id\x18\x01 \x01(\t\x12\x12\n\nsession_id\x18\x02 \x01(\t\x12\x30\n\x06\x64\x65vice\x18\x03 \x01(\x0e\x32 .endcap.v1.RequestContext.Device\x12\n\n\x02os\x18\x04 \x01(\t\x12\x0f\n\x07\x63ountry\x18\x05 \x01(\t\x12\x0e\n\x06region\x18\x06 \x01(\t\x12\x0c\n\x04\x63ity\x18\x07 \x01(\t\x12\x10\n\x08language\x18\x08 \x01(\t\x12\x10\n\x08\x63urrency\x18\t \x01(\t\x12\x16\n\x0etraffic_source\x18\n \x01(\t\x12\x36\n\tplacement\x18\x0b \x01(\x0e\x32#.endcap.v1.RequestContext.Placement\"E\n\x06\x44\x65vice\x12\x16\n\x12\x44\x45VICE_UNSPECIFIED\x10\x00\x12\n\n\x06MOBILE\x10\x01\x12\n\n\x06TABLET\x10\x02\x12\x0b\n\x07\x44\x45SKTOP\x10\x03\"\x8d\x01\n\tPlacement\x12\x19\n\x15PLACEMENT_UNSPECIFIED\x10\x00\x12\x08\n\x04HOME\x10\x01\x12\x0c\n\x08\x43\x41TEGORY\x10\x02\x12\x0b\n\x07PRODUCT\x10\x03\x12\x08\n\x04\x43\x41RT\x10\x04\x12\x0c\n\x08\x43HECKOUT\x10\x05\x12\t\n\x05\x45MAIL\x10\x06\x12\n\n\x06SEARCH\x10\x07\x12\x11\n\rPOST_PURCHASE\x10\x08\"\xe5\x01\n\x07\x46ilters\x12\x16\n\tmin_price\x18\x01 \x01(\x01H\x00\x88\x01\x01\x12\x16\n\tmax_price\x18\x02 \x01(\x01H\x01\x88\x01\x01\x12\x1a\n\x12include_categories\x18\x03 \x03(\t\x12\x1a\n\x12\x65xclude_categories\x18\x04 \x03(\t\x12\x0e\n\x06\x62rands\x18\x05 \x03(\t\x12\x1a\n\rin_stock_only\x18\x06 \x01(\x08H\x02\x88\x01\x01\x12\x18\n\x10\x65xclude_item_ids\x18\x07 \x03(\tB\x0c\n\n_min_priceB\x0c\n\n_max_priceB\x10\n\x0e_in_stock_only\"\xf8\x02\n\x0fRecommendedItem\x12\x0f\n\x07item_id\x18\x01 \x01(\t\x12\r\n\x05score\x18\x02 \x01(\x02\x12\r\n\x05price\x18\x03 \x01(\x01\x12\x10\n\x08\x63urrency\x18\x04 \x01(\t\x12\x10\n\x08\x63\x61tegory\x18\x05 \x01(\t\x12\r\n\x05\x62rand\x18\x06 \x01(\t\x12\x10\n\x08in_stock\x18\x07 \x01(\x08\x12\x39\n\nprovenance\x18\x08 \x01(\x0e\x32%.endcap.v1.RecommendedItem.Provenance\"\xb5\x01\n\nProvenance\x12\x1a\n\x16PROVENANCE_UNSPECIFIED\x10\x00\x12\x11\n\rANN_RETRIEVAL\x10\x01\x12\x0e\n\nEXACT_SCAN\x10\x02\x12\x16\n\x12SEGMENT_POPULARITY\x10\x03\x12\x15\n\x11GLOBAL_POPULARITY\x10\x04\x12\x16\n\x12RERANKED_CANDIDATE\x10\x05\x12\x13\n\x0fRECENTLY_VIEWED\x10\x06\x12\x0c\n\x08TRENDING\x10\x07\"x\n\x10RecommendRequest\x12*\n\x07\x63ontext\x18\x01 \x01(\x0b\x32\x19.endcap.v1.RequestContext\x12#\n\x07\x66ilters\x18\x02 \x01(\x0b\x32\x12.endcap.v1.Filters\x12\x13\n\x0bnum_results\x18\x03 \x01(\x05\"\xbd\x01\n\x11RecommendResponse\x12)\n\x05items\x18\x01 \x03(\x0b\x32\x1a.endcap.v1.RecommendedItem\x12\x19\n\x11recommendation_id\x18\x02 \x01(\t\x12\x15\n\rmodel_version\x18\x03 \x01(\t\x12\x10\n\x08\x63urrency\x18\x04 \x01(\t\x12\x14\n\x0cpersonalized\x18\x05 \x01(\x08\x12\x12\n\nexperiment\x18\x06 \x01(\t\x12\x0f\n\x07variant\x18\x07 \x01(\t\"\x91\x01\n\rRerankRequest\x12*\n\x07\x63ontext\x18\x01 \x01(\x0b\x32\x19.endcap.v1.RequestContext\x12#\n\x07\x66ilters\x18\x02 \x01(\x0b\x32\x12.endcap.v1.Filters\x12\x1a\n\x12\x63\x61ndidate_item_ids\x18\x03 \x03(\t\x12\x13\n\x0bnum_results\x18\x04 \x01(\x05\"\xef\x01\n\x0eRerankResponse\x12)\n\x05items\x18\x01 \x03(\x0b\x32\x1a.endcap.v1.RecommendedItem\x12\x18\n\x10unknown_item_ids\x18\x02 \x03(\t\x12\x19\n\x11\x66iltered_item_ids\x18\x03 \x03(\t\x12\x19\n\x11recommendation_id\x18\x04 \x01(\t\x12\x15\n\rmodel_version\x18\x05 \x01(\t\x12\x10\n\x08\x63urrency\x18\x06 \x01(\t\x12\x14\n\x0cpersonalized\x18\x07 \x01(\x08\x12\x12\n\nexperiment\x18\x08 \x01(\t\x12\x0f\n\x07variant\x18\t \x01(\t\"\x92\x01\n\x13SimilarItemsRequest\x12*\n\x07\x63ontext\x18\x01 \x01(\x0b\x32\x19.endcap.v1.RequestContext\x12#\n\x07\x66ilters\x18\x02 \x01(\x0b\x32\x12.endcap.v1.Filters\x12\x15\n\rseed_item_ids\x18\x03 \x03(\t\x12\x13\n\x0bnum_results\x18\x04 \x01(\x05\"\xaa\x01\n\x14SimilarItemsResponse\x12)\n\x05items\x18\x01 \x03(\x0b\x32\x1a.endcap.v1.RecommendedItem\x12\x19\n\x11recommendation_id\x18\x02 \x01(\t\x12\x15\n\rmodel_version\x18\x03 \x01(\t\x12\x10\n\x08\x63urrency\x18\x04 \x01(\t\x12\x12\n\nexperiment\x18\x05 \x01(\t\x12\x0f\n\x07variant\x18\x06 \x01(\t\"\xe1\x01\n\x0ePopularRequest\x12*\n\x07\x63ontext\x18\x01 \x01(\x0b\x32\x19.endcap.v1.RequestContext\x12#\n\x07\x66ilters\x18\x02 \x01(\x0b\x32\x12.endcap.v1.Filters\x12\x13\n\x0bnum_results\x18\x03 \x01(\x05\x12,\n\x04kind\x18\x04 \x01(\x0e\x32\x1e.endcap.v1.PopularRequest.Kind\";\n\x04Kind\x12\x14\n\x10KIND_UNSPECIFIED\x10\x00\x12\x0f\n\x0b\x42\x45STSELLERS\x10\x01\x12\x0c\n\x08TRENDING\x10\x02\"\x91\x01\n\x0fPopularResponse\x12)\n\x05items\x18\x01 \x03(\x0b\x32\x1a.endcap.v1.RecommendedItem\x12\x19\n\x11recommendation_id\x18\x02 \x01(\t\x12\x15\n\rmodel_version\x18\x03 \x01(\t\x12\x10\n\x08\x63urrency\x18\x04 \x01(\t\x12\x0f\n\x07segment\x18\x05 \x01(\t\"}\n\x15RecentlyViewedRequest\x12*\n\x07\x63ontext\x18\x01 \x01(\x0b\x32\x19.endcap.v1.RequestContext\x12#\n\x07\x66ilters\x18\x02 \x01(\x0b\x32\x12.endcap.v1.Filters\x12\x13\n\x0bnum_results\x18\x03 \x01(\x05\"p\n\x16RecentlyViewedResponse\x12)\n\x05items\x18\x01 \x03(\x0b\x32\x1a.endcap.v1.RecommendedItem\x12\x19\n\x11recommendation_id\x18\x02 \x01(\t\x12\x10\n\x08\x63urrency\x18\x03 \x01(\t\"\x98\x03\n\x05\x45vent\x12#\n\x04type\x18\x01 \x01(\x0e\x32\x15.endcap.v1.Event.Type\x12*\n\x07\x63ontext\x18\x02 \x01(\x0b\x32\x19.endcap.v1.RequestContext\x12\x0f\n\x07item_id\x18\x03 \x01(\t\x12-\n\ttimestamp\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\r\n\x05price\x18\x05 \x01(\x01\x12\x10\n\x08quantity\x18\x06 \x01(\x05\x12\r\n\x05query\x18\x07 \x01(\t\x12\x19\n\x11recommendation_id\x18\x08 \x01(\t\x12\x10\n\x08\x65vent_id\x18\t \x01(\t\"\xa0\x01\n\x04Type\x12\x14\n\x10TYPE_UNSPECIFIED\x10\x00\x12\x08\n\x04VIEW\x10\x01\x12\x0f\n\x0b\x41\x44\x44_TO_CART\x10\x02\x12\x14\n\x10REMOVE_FROM_CART\x10\x03\x12\x0c\n\x08PURCHASE\x10\x04\x12\n\n\x06SEARCH\x10\x05\x12\x1d\n\x19RECOMMENDATION_IMPRESSION\x10\x06\x12\x18\n\x14RECOMMENDATION_CLICK\x10\x07\"P\n\x0e\x45ventRejection\x12\r\n\x05index\x18\x01 \x01(\x05\x12\x10\n\x08\x65vent_id\x18\x02 \x01(\t\x12\r\n\x05\x66ield\x18\x03 \x01(\t\x12\x0e\n\x06reason\x18\x04 \x01(\t\"6\n\x12TrackEventsRequest\x12 \n\x06\x65vents\x18\x01 \x03(\x0b\x32\x10.endcap.v1.Event\"T\n\x13TrackEventsResponse\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\x05\x12+\n\x08rejected\x18\x02 \x03(\x0b\x32\x19.endcap.v1.EventRejection\"7\n\x13StreamEventsRequest\x12 \n\x06\x65vents\x18\x01 \x03(\x0b\x32\x10.endcap.v1.Event\"m\n\x14StreamEventsResponse\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\x03\x12+\n\x08rejected\x18\x02 \x03(\x0b\x32\x19.endcap.v1.EventRejection\x12\x16\n\x0erejected_count\x18\x03 \x01(\x03\"\xa6\x01\n\x0b\x43\x61talogItem\x12\x0f\n\x07item_id\x18\x01 \x01(\t\x12\x10\n\x08\x63\x61tegory\x18\x02 \x01(\t\x12\r\n\x05\x62rand\x18\x03 \x01(\t\x12\x12\n\x05price\x18\x04 \x01(\x01H\x00\x88\x01\x01\x12\x10\n\x08\x63urrency\x18\x05 \x01(\t\x12\x11\n\tcountries\x18\x06 \x03(\t\x12\x15\n\x08in_stock\x18\x07 \x01(\x08H\x01\x88\x01\x01\x42\x08\n\x06_priceB\x0b\n\t_in_stock\";\n\x12UpsertItemsRequest\x12%\n\x05items\x18\x01 \x03(\x0b\x32\x16.endcap.v1.CatalogItem\"d\n\x13UpsertItemsResponse\x12\x0f\n\x07\x63reated\x18\x01 \x01(\x05\x12\x0f\n\x07updated\x18\x02 \x01(\x05\x12+\n\x08rejected\x18\x03 \x03(\x0b\x32\x19.endcap.v1.EventRejection\"&\n\x12\x44\x65leteItemsRequest\x12\x10\n\x08item_ids\x18\x01 \x03(\t\"@\n\x13\x44\x65leteItemsResponse\x12\x0f\n\x07\x64\x65leted\x18\x01 \x01(\x05\x12\x18\n\x10unknown_item_ids\x18\x02 \x03(\t\"8\n\x11\x46orgetUserRequest\x12\x0f\n\x07user_id\x18\x01 \x01(\t\x12\x12\n\nsession_id\x18\x02 \x01(\t\"r\n\x12\x46orgetUserResponse\x12\x1d\n\x15state_entries_removed\x18\x01 \x01(\x05\x12\x19\n\x11\x65vents_tombstoned\x18\x02 \x01(\x03\x12\"\n\x1atrained_profile_suppressed\x18\x03 \x01(\x08\"%\n\x12ReloadModelRequest\x12\x0f\n\x07version\x18\x01 \x01(\t\"L\n\x13ReloadModelResponse\x12\x15\n\rmodel_version\x18\x01 \x01(\t\x12\x1e\n\x16previous_model_version\x18\x02 \x01(\t2\xd4\x06\n\x0bRecommender\x12\x46\n\tRecommend\x12\x1b.endcap.v1.RecommendRequest\x1a\x1c.endcap.v1.RecommendResponse\x12=\n\x06Rerank\x12\x18.endcap.v1.RerankRequest\x1a\x19.endcap.v1.RerankResponse\x12O\n\x0cSimilarItems\x12\x1e.endcap.v1.SimilarItemsRequest\x1a\x1f.endcap.v1.SimilarItemsResponse\x12@\n\x07Popular\x12\x19.endcap.v1.PopularRequest\x1a\x1a.endcap.v1.PopularResponse\x12U\n\x0eRecentlyViewed\x12 .endcap.v1.RecentlyViewedRequest\x1a!.endcap.v1.RecentlyViewedResponse\x12L\n\x0bTrackEvents\x12\x1d.endcap.v1.TrackEventsRequest\x1a\x1e.endcap.v1.TrackEventsResponse\x12Q\n\x0cStreamEvents\x12\x1e.endcap.v1.StreamEventsRequest\x1a\x1f.endcap.v1.StreamEventsResponse(\x01\x12L\n\x0bUpsertItems\x12\x1d.endcap.v1.UpsertItemsRequest\x1a\x1e.endcap.v1.UpsertItemsResponse\x12L\n\x0b\x44\x65leteItems\x12\x1d.endcap.v1.DeleteItemsRequest\x1a\x1e.endcap.v1.DeleteItemsResponse\x12I\n\nForgetUser\x12\x1c.endcap.v1.ForgetUserRequest\x1a\x1d.endcap.v1.ForgetUserResponse\x12L\n\x0bReloadModel\x12\x1d.endcap.v1.ReloadModelRequest\x1a\x1e.endcap.v1.ReloadModelResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'endcap.v1.recommender_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_REQUESTCONTEXT']._serialized_start=43
-  _globals['_REQUESTCONTEXT']._serialized_end=536
-  _globals['_REQUESTCONTEXT_DEVICE']._serialized_start=323
-  _globals['_REQUESTCONTEXT_DEVICE']._serialized_end=392
-  _globals['_REQUESTCONTEXT_PLACEMENT']._serialized_start=395
-  _globals['_REQUESTCONTEXT_PLACEMENT']._serialized_end=536
-  _globals['_FILTERS']._serialized_start=539
-  _globals['_FILTERS']._serialized_end=768
-  _globals['_RECOMMENDEDITEM']._serialized_start=771
-  _globals['_RECOMMENDEDITEM']._serialized_end=1112
-  _globals['_RECOMMENDEDITEM_PROVENANCE']._serialized_start=966
-  _globals['_RECOMMENDEDITEM_PROVENANCE']._serialized_end=1112
-  _globals['_RECOMMENDREQUEST']._serialized_start=1114
-  _globals['_RECOMMENDREQUEST']._serialized_end=1234
-  _globals['_RECOMMENDRESPONSE']._serialized_start=1237
-  _globals['_RECOMMENDRESPONSE']._serialized_end=1389
-  _globals['_RERANKREQUEST']._serialized_start=1392
-  _globals['_RERANKREQUEST']._serialized_end=1537
-  _globals['_RERANKRESPONSE']._serialized_start=1540
-  _globals['_RERANKRESPONSE']._serialized_end=1742
-  _globals['_SIMILARITEMSREQUEST']._serialized_start=1745
-  _globals['_SIMILARITEMSREQUEST']._serialized_end=1891
-  _globals['_SIMILARITEMSRESPONSE']._serialized_start=1894
-  _globals['_SIMILARITEMSRESPONSE']._serialized_end=2027
-  _globals['_RECOMMENDER']._serialized_start=2030
-  _globals['_RECOMMENDER']._serialized_end=2259
+  _globals['_REQUESTCONTEXT']._serialized_start=76
+  _globals['_REQUESTCONTEXT']._serialized_end=569
+  _globals['_REQUESTCONTEXT_DEVICE']._serialized_start=356
+  _globals['_REQUESTCONTEXT_DEVICE']._serialized_end=425
+  _globals['_REQUESTCONTEXT_PLACEMENT']._serialized_start=428
+  _globals['_REQUESTCONTEXT_PLACEMENT']._serialized_end=569
+  _globals['_FILTERS']._serialized_start=572
+  _globals['_FILTERS']._serialized_end=801
+  _globals['_RECOMMENDEDITEM']._serialized_start=804
+  _globals['_RECOMMENDEDITEM']._serialized_end=1180
+  _globals['_RECOMMENDEDITEM_PROVENANCE']._serialized_start=999
+  _globals['_RECOMMENDEDITEM_PROVENANCE']._serialized_end=1180
+  _globals['_RECOMMENDREQUEST']._serialized_start=1182
+  _globals['_RECOMMENDREQUEST']._serialized_end=1302
+  _globals['_RECOMMENDRESPONSE']._serialized_start=1305
+  _globals['_RECOMMENDRESPONSE']._serialized_end=1494
+  _globals['_RERANKREQUEST']._serialized_start=1497
+  _globals['_RERANKREQUEST']._serialized_end=1642
+  _globals['_RERANKRESPONSE']._serialized_start=1645
+  _globals['_RERANKRESPONSE']._serialized_end=1884
+  _globals['_SIMILARITEMSREQUEST']._serialized_start=1887
+  _globals['_SIMILARITEMSREQUEST']._serialized_end=2033
+  _globals['_SIMILARITEMSRESPONSE']._serialized_start=2036
+  _globals['_SIMILARITEMSRESPONSE']._serialized_end=2206
+  _globals['_POPULARREQUEST']._serialized_start=2209
+  _globals['_POPULARREQUEST']._serialized_end=2434
+  _globals['_POPULARREQUEST_KIND']._serialized_start=2375
+  _globals['_POPULARREQUEST_KIND']._serialized_end=2434
+  _globals['_POPULARRESPONSE']._serialized_start=2437
+  _globals['_POPULARRESPONSE']._serialized_end=2582
+  _globals['_RECENTLYVIEWEDREQUEST']._serialized_start=2584
+  _globals['_RECENTLYVIEWEDREQUEST']._serialized_end=2709
+  _globals['_RECENTLYVIEWEDRESPONSE']._serialized_start=2711
+  _globals['_RECENTLYVIEWEDRESPONSE']._serialized_end=2823
+  _globals['_EVENT']._serialized_start=2826
+  _globals['_EVENT']._serialized_end=3234
+  _globals['_EVENT_TYPE']._serialized_start=3074
+  _globals['_EVENT_TYPE']._serialized_end=3234
+  _globals['_EVENTREJECTION']._serialized_start=3236
+  _globals['_EVENTREJECTION']._serialized_end=3316
+  _globals['_TRACKEVENTSREQUEST']._serialized_start=3318
+  _globals['_TRACKEVENTSREQUEST']._serialized_end=3372
+  _globals['_TRACKEVENTSRESPONSE']._serialized_start=3374
+  _globals['_TRACKEVENTSRESPONSE']._serialized_end=3458
+  _globals['_STREAMEVENTSREQUEST']._serialized_start=3460
+  _globals['_STREAMEVENTSREQUEST']._serialized_end=3515
+  _globals['_STREAMEVENTSRESPONSE']._serialized_start=3517
+  _globals['_STREAMEVENTSRESPONSE']._serialized_end=3626
+  _globals['_CATALOGITEM']._serialized_start=3629
+  _globals['_CATALOGITEM']._serialized_end=3795
+  _globals['_UPSERTITEMSREQUEST']._serialized_start=3797
+  _globals['_UPSERTITEMSREQUEST']._serialized_end=3856
+  _globals['_UPSERTITEMSRESPONSE']._serialized_start=3858
+  _globals['_UPSERTITEMSRESPONSE']._serialized_end=3958
+  _globals['_DELETEITEMSREQUEST']._serialized_start=3960
+  _globals['_DELETEITEMSREQUEST']._serialized_end=3998
+  _globals['_DELETEITEMSRESPONSE']._serialized_start=4000
+  _globals['_DELETEITEMSRESPONSE']._serialized_end=4064
+  _globals['_FORGETUSERREQUEST']._serialized_start=4066
+  _globals['_FORGETUSERREQUEST']._serialized_end=4122
+  _globals['_FORGETUSERRESPONSE']._serialized_start=4124
+  _globals['_FORGETUSERRESPONSE']._serialized_end=4238
+  _globals['_RELOADMODELREQUEST']._serialized_start=4240
+  _globals['_RELOADMODELREQUEST']._serialized_end=4277
+  _globals['_RELOADMODELRESPONSE']._serialized_start=4279
+  _globals['_RELOADMODELRESPONSE']._serialized_end=4355
+  _globals['_RECOMMENDER']._serialized_start=4358
+  _globals['_RECOMMENDER']._serialized_end=5210
 # @@protoc_insertion_point(module_scope)

@@ -11,6 +11,7 @@ comments are the API reference. Change it first, regenerate with
 from collections import abc as _abc
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
+from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from google.protobuf.internal import containers as _containers
 from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 import builtins as _builtins
@@ -238,6 +239,10 @@ class RecommendedItem(_message.Message):
         """Catalog-wide bestsellers, within filters."""
         RERANKED_CANDIDATE: RecommendedItem._Provenance.ValueType  # 5
         """A caller-supplied candidate, scored by Rerank."""
+        RECENTLY_VIEWED: RecommendedItem._Provenance.ValueType  # 6
+        """From the shopper's own recently viewed items."""
+        TRENDING: RecommendedItem._Provenance.ValueType  # 7
+        """Real-time trending items of the segment."""
 
     class Provenance(_Provenance, metaclass=_ProvenanceEnumTypeWrapper):
         """Which stage of the pipeline produced the item."""
@@ -255,6 +260,10 @@ class RecommendedItem(_message.Message):
     """Catalog-wide bestsellers, within filters."""
     RERANKED_CANDIDATE: RecommendedItem.Provenance.ValueType  # 5
     """A caller-supplied candidate, scored by Rerank."""
+    RECENTLY_VIEWED: RecommendedItem.Provenance.ValueType  # 6
+    """From the shopper's own recently viewed items."""
+    TRENDING: RecommendedItem.Provenance.ValueType  # 7
+    """Real-time trending items of the segment."""
 
     ITEM_ID_FIELD_NUMBER: _builtins.int
     SCORE_FIELD_NUMBER: _builtins.int
@@ -331,6 +340,8 @@ class RecommendResponse(_message.Message):
     MODEL_VERSION_FIELD_NUMBER: _builtins.int
     CURRENCY_FIELD_NUMBER: _builtins.int
     PERSONALIZED_FIELD_NUMBER: _builtins.int
+    EXPERIMENT_FIELD_NUMBER: _builtins.int
+    VARIANT_FIELD_NUMBER: _builtins.int
     recommendation_id: _builtins.str
     """Unique id of this response; send it back with impression and click events."""
     model_version: _builtins.str
@@ -341,6 +352,9 @@ class RecommendResponse(_message.Message):
     """True when the shopper was recognised and results are personalised; false
     for the cold-start path (segment bestsellers).
     """
+    experiment: _builtins.str
+    """The experiment and variant this shopper is assigned to ("" when none)."""
+    variant: _builtins.str
     @_builtins.property
     def items(self) -> _containers.RepeatedCompositeFieldContainer[Global___RecommendedItem]:
         """Best first. Fewer than num_results only if fewer items pass the filters."""
@@ -353,10 +367,12 @@ class RecommendResponse(_message.Message):
         model_version: _builtins.str = ...,
         currency: _builtins.str = ...,
         personalized: _builtins.bool = ...,
+        experiment: _builtins.str = ...,
+        variant: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["currency", b"currency", "items", b"items", "model_version", b"model_version", "personalized", b"personalized", "recommendation_id", b"recommendation_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["currency", b"currency", "experiment", b"experiment", "items", b"items", "model_version", b"model_version", "personalized", b"personalized", "recommendation_id", b"recommendation_id", "variant", b"variant"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -407,10 +423,14 @@ class RerankResponse(_message.Message):
     MODEL_VERSION_FIELD_NUMBER: _builtins.int
     CURRENCY_FIELD_NUMBER: _builtins.int
     PERSONALIZED_FIELD_NUMBER: _builtins.int
+    EXPERIMENT_FIELD_NUMBER: _builtins.int
+    VARIANT_FIELD_NUMBER: _builtins.int
     recommendation_id: _builtins.str
     model_version: _builtins.str
     currency: _builtins.str
     personalized: _builtins.bool
+    experiment: _builtins.str
+    variant: _builtins.str
     @_builtins.property
     def items(self) -> _containers.RepeatedCompositeFieldContainer[Global___RecommendedItem]:
         """Candidates that passed the filters, best first."""
@@ -433,10 +453,12 @@ class RerankResponse(_message.Message):
         model_version: _builtins.str = ...,
         currency: _builtins.str = ...,
         personalized: _builtins.bool = ...,
+        experiment: _builtins.str = ...,
+        variant: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["currency", b"currency", "filtered_item_ids", b"filtered_item_ids", "items", b"items", "model_version", b"model_version", "personalized", b"personalized", "recommendation_id", b"recommendation_id", "unknown_item_ids", b"unknown_item_ids"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["currency", b"currency", "experiment", b"experiment", "filtered_item_ids", b"filtered_item_ids", "items", b"items", "model_version", b"model_version", "personalized", b"personalized", "recommendation_id", b"recommendation_id", "unknown_item_ids", b"unknown_item_ids", "variant", b"variant"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -486,9 +508,13 @@ class SimilarItemsResponse(_message.Message):
     RECOMMENDATION_ID_FIELD_NUMBER: _builtins.int
     MODEL_VERSION_FIELD_NUMBER: _builtins.int
     CURRENCY_FIELD_NUMBER: _builtins.int
+    EXPERIMENT_FIELD_NUMBER: _builtins.int
+    VARIANT_FIELD_NUMBER: _builtins.int
     recommendation_id: _builtins.str
     model_version: _builtins.str
     currency: _builtins.str
+    experiment: _builtins.str
+    variant: _builtins.str
     @_builtins.property
     def items(self) -> _containers.RepeatedCompositeFieldContainer[Global___RecommendedItem]: ...
     def __init__(
@@ -498,11 +524,635 @@ class SimilarItemsResponse(_message.Message):
         recommendation_id: _builtins.str = ...,
         model_version: _builtins.str = ...,
         currency: _builtins.str = ...,
+        experiment: _builtins.str = ...,
+        variant: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["currency", b"currency", "items", b"items", "model_version", b"model_version", "recommendation_id", b"recommendation_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["currency", b"currency", "experiment", b"experiment", "items", b"items", "model_version", b"model_version", "recommendation_id", b"recommendation_id", "variant", b"variant"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___SimilarItemsResponse: _TypeAlias = SimilarItemsResponse  # noqa: Y015
+
+@_typing.final
+class PopularRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    class _Kind:
+        ValueType = _typing.NewType("ValueType", _builtins.int)
+        V: _TypeAlias = ValueType  # noqa: Y015
+
+    class _KindEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[PopularRequest._Kind.ValueType], _builtins.type):
+        DESCRIPTOR: _descriptor.EnumDescriptor
+        KIND_UNSPECIFIED: PopularRequest._Kind.ValueType  # 0
+        """same as BESTSELLERS"""
+        BESTSELLERS: PopularRequest._Kind.ValueType  # 1
+        """Most bought and carted, time-decayed over days."""
+        TRENDING: PopularRequest._Kind.ValueType  # 2
+        """Rising now: short-horizon activity relative to the long-horizon baseline."""
+
+    class Kind(_Kind, metaclass=_KindEnumTypeWrapper):
+        """What "popular" means."""
+
+    KIND_UNSPECIFIED: PopularRequest.Kind.ValueType  # 0
+    """same as BESTSELLERS"""
+    BESTSELLERS: PopularRequest.Kind.ValueType  # 1
+    """Most bought and carted, time-decayed over days."""
+    TRENDING: PopularRequest.Kind.ValueType  # 2
+    """Rising now: short-horizon activity relative to the long-horizon baseline."""
+
+    CONTEXT_FIELD_NUMBER: _builtins.int
+    FILTERS_FIELD_NUMBER: _builtins.int
+    NUM_RESULTS_FIELD_NUMBER: _builtins.int
+    KIND_FIELD_NUMBER: _builtins.int
+    num_results: _builtins.int
+    """How many items to return: 1..500; 0 (unset) means 10."""
+    kind: Global___PopularRequest.Kind.ValueType
+    @_builtins.property
+    def context(self) -> Global___RequestContext: ...
+    @_builtins.property
+    def filters(self) -> Global___Filters: ...
+    def __init__(
+        self,
+        *,
+        context: Global___RequestContext | None = ...,
+        filters: Global___Filters | None = ...,
+        num_results: _builtins.int = ...,
+        kind: Global___PopularRequest.Kind.ValueType = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["context", b"context", "filters", b"filters"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["context", b"context", "filters", b"filters", "kind", b"kind", "num_results", b"num_results"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PopularRequest: _TypeAlias = PopularRequest  # noqa: Y015
+
+@_typing.final
+class PopularResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ITEMS_FIELD_NUMBER: _builtins.int
+    RECOMMENDATION_ID_FIELD_NUMBER: _builtins.int
+    MODEL_VERSION_FIELD_NUMBER: _builtins.int
+    CURRENCY_FIELD_NUMBER: _builtins.int
+    SEGMENT_FIELD_NUMBER: _builtins.int
+    recommendation_id: _builtins.str
+    model_version: _builtins.str
+    currency: _builtins.str
+    segment: _builtins.str
+    """The segment the list was computed for, e.g. "DE/mobile"."""
+    @_builtins.property
+    def items(self) -> _containers.RepeatedCompositeFieldContainer[Global___RecommendedItem]: ...
+    def __init__(
+        self,
+        *,
+        items: _abc.Iterable[Global___RecommendedItem] | None = ...,
+        recommendation_id: _builtins.str = ...,
+        model_version: _builtins.str = ...,
+        currency: _builtins.str = ...,
+        segment: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["currency", b"currency", "items", b"items", "model_version", b"model_version", "recommendation_id", b"recommendation_id", "segment", b"segment"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PopularResponse: _TypeAlias = PopularResponse  # noqa: Y015
+
+@_typing.final
+class RecentlyViewedRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CONTEXT_FIELD_NUMBER: _builtins.int
+    FILTERS_FIELD_NUMBER: _builtins.int
+    NUM_RESULTS_FIELD_NUMBER: _builtins.int
+    num_results: _builtins.int
+    """How many items to return: 1..500; 0 (unset) means 10."""
+    @_builtins.property
+    def context(self) -> Global___RequestContext:
+        """user_id or session_id identifies the shopper."""
+
+    @_builtins.property
+    def filters(self) -> Global___Filters:
+        """Applied to the viewed items too (so by default out-of-stock items are
+        skipped; set in_stock_only=false to show them).
+        """
+
+    def __init__(
+        self,
+        *,
+        context: Global___RequestContext | None = ...,
+        filters: Global___Filters | None = ...,
+        num_results: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["context", b"context", "filters", b"filters"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["context", b"context", "filters", b"filters", "num_results", b"num_results"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RecentlyViewedRequest: _TypeAlias = RecentlyViewedRequest  # noqa: Y015
+
+@_typing.final
+class RecentlyViewedResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ITEMS_FIELD_NUMBER: _builtins.int
+    RECOMMENDATION_ID_FIELD_NUMBER: _builtins.int
+    CURRENCY_FIELD_NUMBER: _builtins.int
+    recommendation_id: _builtins.str
+    currency: _builtins.str
+    @_builtins.property
+    def items(self) -> _containers.RepeatedCompositeFieldContainer[Global___RecommendedItem]: ...
+    def __init__(
+        self,
+        *,
+        items: _abc.Iterable[Global___RecommendedItem] | None = ...,
+        recommendation_id: _builtins.str = ...,
+        currency: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["currency", b"currency", "items", b"items", "recommendation_id", b"recommendation_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RecentlyViewedResponse: _TypeAlias = RecentlyViewedResponse  # noqa: Y015
+
+@_typing.final
+class Event(_message.Message):
+    """One thing a shopper did."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    class _Type:
+        ValueType = _typing.NewType("ValueType", _builtins.int)
+        V: _TypeAlias = ValueType  # noqa: Y015
+
+    class _TypeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[Event._Type.ValueType], _builtins.type):
+        DESCRIPTOR: _descriptor.EnumDescriptor
+        TYPE_UNSPECIFIED: Event._Type.ValueType  # 0
+        VIEW: Event._Type.ValueType  # 1
+        ADD_TO_CART: Event._Type.ValueType  # 2
+        REMOVE_FROM_CART: Event._Type.ValueType  # 3
+        PURCHASE: Event._Type.ValueType  # 4
+        """Set price (per unit, in context.currency) and quantity."""
+        SEARCH: Event._Type.ValueType  # 5
+        """Set query; item_id is optional."""
+        RECOMMENDATION_IMPRESSION: Event._Type.ValueType  # 6
+        """A recommendation was shown: set recommendation_id (item_id optional)."""
+        RECOMMENDATION_CLICK: Event._Type.ValueType  # 7
+        """A recommended item was clicked: set recommendation_id and item_id."""
+
+    class Type(_Type, metaclass=_TypeEnumTypeWrapper):
+        """What happened."""
+
+    TYPE_UNSPECIFIED: Event.Type.ValueType  # 0
+    VIEW: Event.Type.ValueType  # 1
+    ADD_TO_CART: Event.Type.ValueType  # 2
+    REMOVE_FROM_CART: Event.Type.ValueType  # 3
+    PURCHASE: Event.Type.ValueType  # 4
+    """Set price (per unit, in context.currency) and quantity."""
+    SEARCH: Event.Type.ValueType  # 5
+    """Set query; item_id is optional."""
+    RECOMMENDATION_IMPRESSION: Event.Type.ValueType  # 6
+    """A recommendation was shown: set recommendation_id (item_id optional)."""
+    RECOMMENDATION_CLICK: Event.Type.ValueType  # 7
+    """A recommended item was clicked: set recommendation_id and item_id."""
+
+    TYPE_FIELD_NUMBER: _builtins.int
+    CONTEXT_FIELD_NUMBER: _builtins.int
+    ITEM_ID_FIELD_NUMBER: _builtins.int
+    TIMESTAMP_FIELD_NUMBER: _builtins.int
+    PRICE_FIELD_NUMBER: _builtins.int
+    QUANTITY_FIELD_NUMBER: _builtins.int
+    QUERY_FIELD_NUMBER: _builtins.int
+    RECOMMENDATION_ID_FIELD_NUMBER: _builtins.int
+    EVENT_ID_FIELD_NUMBER: _builtins.int
+    type: Global___Event.Type.ValueType
+    item_id: _builtins.str
+    """The catalog item; required except for SEARCH and RECOMMENDATION_IMPRESSION."""
+    price: _builtins.float
+    """Unit price in context.currency (PURCHASE), >= 0."""
+    quantity: _builtins.int
+    """Units (PURCHASE, ADD_TO_CART), 0 means 1."""
+    query: _builtins.str
+    """Search text (SEARCH), at most 256 characters."""
+    recommendation_id: _builtins.str
+    """The recommendation_id of the response that showed the item
+    (RECOMMENDATION_IMPRESSION, RECOMMENDATION_CLICK; optional on others,
+    where it attributes e.g. a purchase to a recommendation).
+    """
+    event_id: _builtins.str
+    """Optional client id of the event, echoed in rejections."""
+    @_builtins.property
+    def context(self) -> Global___RequestContext:
+        """Who and where: user_id and/or session_id are required."""
+
+    @_builtins.property
+    def timestamp(self) -> _timestamp_pb2.Timestamp:
+        """When it happened; unset means when the server received it. At most 5
+        minutes in the future.
+        """
+
+    def __init__(
+        self,
+        *,
+        type: Global___Event.Type.ValueType = ...,
+        context: Global___RequestContext | None = ...,
+        item_id: _builtins.str = ...,
+        timestamp: _timestamp_pb2.Timestamp | None = ...,
+        price: _builtins.float = ...,
+        quantity: _builtins.int = ...,
+        query: _builtins.str = ...,
+        recommendation_id: _builtins.str = ...,
+        event_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["context", b"context", "timestamp", b"timestamp"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["context", b"context", "event_id", b"event_id", "item_id", b"item_id", "price", b"price", "quantity", b"quantity", "query", b"query", "recommendation_id", b"recommendation_id", "timestamp", b"timestamp", "type", b"type"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Event: _TypeAlias = Event  # noqa: Y015
+
+@_typing.final
+class EventRejection(_message.Message):
+    """Why one event of a batch was not accepted."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    INDEX_FIELD_NUMBER: _builtins.int
+    EVENT_ID_FIELD_NUMBER: _builtins.int
+    FIELD_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    index: _builtins.int
+    """Position of the event in the request's `events`."""
+    event_id: _builtins.str
+    field: _builtins.str
+    """The offending field, e.g. "events[3].item_id"."""
+    reason: _builtins.str
+    def __init__(
+        self,
+        *,
+        index: _builtins.int = ...,
+        event_id: _builtins.str = ...,
+        field: _builtins.str = ...,
+        reason: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["event_id", b"event_id", "field", b"field", "index", b"index", "reason", b"reason"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___EventRejection: _TypeAlias = EventRejection  # noqa: Y015
+
+@_typing.final
+class TrackEventsRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    EVENTS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def events(self) -> _containers.RepeatedCompositeFieldContainer[Global___Event]:
+        """1..1000 events."""
+
+    def __init__(
+        self,
+        *,
+        events: _abc.Iterable[Global___Event] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["events", b"events"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___TrackEventsRequest: _TypeAlias = TrackEventsRequest  # noqa: Y015
+
+@_typing.final
+class TrackEventsResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ACCEPTED_FIELD_NUMBER: _builtins.int
+    REJECTED_FIELD_NUMBER: _builtins.int
+    accepted: _builtins.int
+    """Events validated, durably logged (per the server's fsync policy) and
+    applied to real-time state.
+    """
+    @_builtins.property
+    def rejected(self) -> _containers.RepeatedCompositeFieldContainer[Global___EventRejection]: ...
+    def __init__(
+        self,
+        *,
+        accepted: _builtins.int = ...,
+        rejected: _abc.Iterable[Global___EventRejection] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["accepted", b"accepted", "rejected", b"rejected"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___TrackEventsResponse: _TypeAlias = TrackEventsResponse  # noqa: Y015
+
+@_typing.final
+class StreamEventsRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    EVENTS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def events(self) -> _containers.RepeatedCompositeFieldContainer[Global___Event]:
+        """1..1000 events per message."""
+
+    def __init__(
+        self,
+        *,
+        events: _abc.Iterable[Global___Event] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["events", b"events"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___StreamEventsRequest: _TypeAlias = StreamEventsRequest  # noqa: Y015
+
+@_typing.final
+class StreamEventsResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ACCEPTED_FIELD_NUMBER: _builtins.int
+    REJECTED_FIELD_NUMBER: _builtins.int
+    REJECTED_COUNT_FIELD_NUMBER: _builtins.int
+    accepted: _builtins.int
+    rejected_count: _builtins.int
+    @_builtins.property
+    def rejected(self) -> _containers.RepeatedCompositeFieldContainer[Global___EventRejection]:
+        """Rejections across the stream; `index` counts events from the start of
+        the stream. At most 1000 are listed.
+        """
+
+    def __init__(
+        self,
+        *,
+        accepted: _builtins.int = ...,
+        rejected: _abc.Iterable[Global___EventRejection] | None = ...,
+        rejected_count: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["accepted", b"accepted", "rejected", b"rejected", "rejected_count", b"rejected_count"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___StreamEventsResponse: _TypeAlias = StreamEventsResponse  # noqa: Y015
+
+@_typing.final
+class CatalogItem(_message.Message):
+    """A catalog item as the shop describes it."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ITEM_ID_FIELD_NUMBER: _builtins.int
+    CATEGORY_FIELD_NUMBER: _builtins.int
+    BRAND_FIELD_NUMBER: _builtins.int
+    PRICE_FIELD_NUMBER: _builtins.int
+    CURRENCY_FIELD_NUMBER: _builtins.int
+    COUNTRIES_FIELD_NUMBER: _builtins.int
+    IN_STOCK_FIELD_NUMBER: _builtins.int
+    item_id: _builtins.str
+    category: _builtins.str
+    """A category name the model knows (see the artifact's categories); required
+    for new items.
+    """
+    brand: _builtins.str
+    """Brand name; a new brand is fine."""
+    price: _builtins.float
+    """Price in `currency` (required for new items), > 0."""
+    currency: _builtins.str
+    """ISO 4217; empty means the catalog's base currency."""
+    in_stock: _builtins.bool
+    """Unset: unchanged for existing items, true for new ones."""
+    @_builtins.property
+    def countries(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """ISO 3166-1 alpha-2 codes the item is sold/shipped to. For an existing item
+        a non-empty list replaces the old one; for a new item empty means nowhere.
+        """
+
+    def __init__(
+        self,
+        *,
+        item_id: _builtins.str = ...,
+        category: _builtins.str = ...,
+        brand: _builtins.str = ...,
+        price: _builtins.float | None = ...,
+        currency: _builtins.str = ...,
+        countries: _abc.Iterable[_builtins.str] | None = ...,
+        in_stock: _builtins.bool | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_in_stock", b"_in_stock", "_price", b"_price", "in_stock", b"in_stock", "price", b"price"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_in_stock", b"_in_stock", "_price", b"_price", "brand", b"brand", "category", b"category", "countries", b"countries", "currency", b"currency", "in_stock", b"in_stock", "item_id", b"item_id", "price", b"price"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__in_stock: _TypeAlias = _typing.Literal["in_stock"]  # noqa: Y015
+    _WhichOneofArgType__in_stock: _TypeAlias = _typing.Literal["_in_stock", b"_in_stock"]  # noqa: Y015
+    _WhichOneofReturnType__price: _TypeAlias = _typing.Literal["price"]  # noqa: Y015
+    _WhichOneofArgType__price: _TypeAlias = _typing.Literal["_price", b"_price"]  # noqa: Y015
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__in_stock) -> _WhichOneofReturnType__in_stock | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__price) -> _WhichOneofReturnType__price | None: ...
+
+Global___CatalogItem: _TypeAlias = CatalogItem  # noqa: Y015
+
+@_typing.final
+class UpsertItemsRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ITEMS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def items(self) -> _containers.RepeatedCompositeFieldContainer[Global___CatalogItem]:
+        """1..10000 items."""
+
+    def __init__(
+        self,
+        *,
+        items: _abc.Iterable[Global___CatalogItem] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["items", b"items"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___UpsertItemsRequest: _TypeAlias = UpsertItemsRequest  # noqa: Y015
+
+@_typing.final
+class UpsertItemsResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CREATED_FIELD_NUMBER: _builtins.int
+    UPDATED_FIELD_NUMBER: _builtins.int
+    REJECTED_FIELD_NUMBER: _builtins.int
+    created: _builtins.int
+    updated: _builtins.int
+    @_builtins.property
+    def rejected(self) -> _containers.RepeatedCompositeFieldContainer[Global___EventRejection]:
+        """Items not applied, with the reason (index = position in `items`)."""
+
+    def __init__(
+        self,
+        *,
+        created: _builtins.int = ...,
+        updated: _builtins.int = ...,
+        rejected: _abc.Iterable[Global___EventRejection] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["created", b"created", "rejected", b"rejected", "updated", b"updated"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___UpsertItemsResponse: _TypeAlias = UpsertItemsResponse  # noqa: Y015
+
+@_typing.final
+class DeleteItemsRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ITEM_IDS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def item_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """1..10000 item ids."""
+
+    def __init__(
+        self,
+        *,
+        item_ids: _abc.Iterable[_builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["item_ids", b"item_ids"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DeleteItemsRequest: _TypeAlias = DeleteItemsRequest  # noqa: Y015
+
+@_typing.final
+class DeleteItemsResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DELETED_FIELD_NUMBER: _builtins.int
+    UNKNOWN_ITEM_IDS_FIELD_NUMBER: _builtins.int
+    deleted: _builtins.int
+    @_builtins.property
+    def unknown_item_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    def __init__(
+        self,
+        *,
+        deleted: _builtins.int = ...,
+        unknown_item_ids: _abc.Iterable[_builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["deleted", b"deleted", "unknown_item_ids", b"unknown_item_ids"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DeleteItemsResponse: _TypeAlias = DeleteItemsResponse  # noqa: Y015
+
+@_typing.final
+class ForgetUserRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    USER_ID_FIELD_NUMBER: _builtins.int
+    SESSION_ID_FIELD_NUMBER: _builtins.int
+    user_id: _builtins.str
+    """The shopper to forget: user_id and/or session_id."""
+    session_id: _builtins.str
+    def __init__(
+        self,
+        *,
+        user_id: _builtins.str = ...,
+        session_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["session_id", b"session_id", "user_id", b"user_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ForgetUserRequest: _TypeAlias = ForgetUserRequest  # noqa: Y015
+
+@_typing.final
+class ForgetUserResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    STATE_ENTRIES_REMOVED_FIELD_NUMBER: _builtins.int
+    EVENTS_TOMBSTONED_FIELD_NUMBER: _builtins.int
+    TRAINED_PROFILE_SUPPRESSED_FIELD_NUMBER: _builtins.int
+    state_entries_removed: _builtins.int
+    """Real-time state entries removed (recent items, cart, purchases, profile)."""
+    events_tombstoned: _builtins.int
+    """Events tombstoned in the durable event log."""
+    trained_profile_suppressed: _builtins.bool
+    """Whether a trained profile existed and is no longer used."""
+    def __init__(
+        self,
+        *,
+        state_entries_removed: _builtins.int = ...,
+        events_tombstoned: _builtins.int = ...,
+        trained_profile_suppressed: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["events_tombstoned", b"events_tombstoned", "state_entries_removed", b"state_entries_removed", "trained_profile_suppressed", b"trained_profile_suppressed"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ForgetUserResponse: _TypeAlias = ForgetUserResponse  # noqa: Y015
+
+@_typing.final
+class ReloadModelRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    VERSION_FIELD_NUMBER: _builtins.int
+    version: _builtins.str
+    """Version directory under the artifact root; empty means the one LATEST names."""
+    def __init__(
+        self,
+        *,
+        version: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["version", b"version"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ReloadModelRequest: _TypeAlias = ReloadModelRequest  # noqa: Y015
+
+@_typing.final
+class ReloadModelResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MODEL_VERSION_FIELD_NUMBER: _builtins.int
+    PREVIOUS_MODEL_VERSION_FIELD_NUMBER: _builtins.int
+    model_version: _builtins.str
+    previous_model_version: _builtins.str
+    def __init__(
+        self,
+        *,
+        model_version: _builtins.str = ...,
+        previous_model_version: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["model_version", b"model_version", "previous_model_version", b"previous_model_version"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ReloadModelResponse: _TypeAlias = ReloadModelResponse  # noqa: Y015

@@ -56,6 +56,46 @@ class RecommenderStub:
                 request_serializer=endcap_dot_v1_dot_recommender__pb2.SimilarItemsRequest.SerializeToString,
                 response_deserializer=endcap_dot_v1_dot_recommender__pb2.SimilarItemsResponse.FromString,
                 _registered_method=True)
+        self.Popular = channel.unary_unary(
+                '/endcap.v1.Recommender/Popular',
+                request_serializer=endcap_dot_v1_dot_recommender__pb2.PopularRequest.SerializeToString,
+                response_deserializer=endcap_dot_v1_dot_recommender__pb2.PopularResponse.FromString,
+                _registered_method=True)
+        self.RecentlyViewed = channel.unary_unary(
+                '/endcap.v1.Recommender/RecentlyViewed',
+                request_serializer=endcap_dot_v1_dot_recommender__pb2.RecentlyViewedRequest.SerializeToString,
+                response_deserializer=endcap_dot_v1_dot_recommender__pb2.RecentlyViewedResponse.FromString,
+                _registered_method=True)
+        self.TrackEvents = channel.unary_unary(
+                '/endcap.v1.Recommender/TrackEvents',
+                request_serializer=endcap_dot_v1_dot_recommender__pb2.TrackEventsRequest.SerializeToString,
+                response_deserializer=endcap_dot_v1_dot_recommender__pb2.TrackEventsResponse.FromString,
+                _registered_method=True)
+        self.StreamEvents = channel.stream_unary(
+                '/endcap.v1.Recommender/StreamEvents',
+                request_serializer=endcap_dot_v1_dot_recommender__pb2.StreamEventsRequest.SerializeToString,
+                response_deserializer=endcap_dot_v1_dot_recommender__pb2.StreamEventsResponse.FromString,
+                _registered_method=True)
+        self.UpsertItems = channel.unary_unary(
+                '/endcap.v1.Recommender/UpsertItems',
+                request_serializer=endcap_dot_v1_dot_recommender__pb2.UpsertItemsRequest.SerializeToString,
+                response_deserializer=endcap_dot_v1_dot_recommender__pb2.UpsertItemsResponse.FromString,
+                _registered_method=True)
+        self.DeleteItems = channel.unary_unary(
+                '/endcap.v1.Recommender/DeleteItems',
+                request_serializer=endcap_dot_v1_dot_recommender__pb2.DeleteItemsRequest.SerializeToString,
+                response_deserializer=endcap_dot_v1_dot_recommender__pb2.DeleteItemsResponse.FromString,
+                _registered_method=True)
+        self.ForgetUser = channel.unary_unary(
+                '/endcap.v1.Recommender/ForgetUser',
+                request_serializer=endcap_dot_v1_dot_recommender__pb2.ForgetUserRequest.SerializeToString,
+                response_deserializer=endcap_dot_v1_dot_recommender__pb2.ForgetUserResponse.FromString,
+                _registered_method=True)
+        self.ReloadModel = channel.unary_unary(
+                '/endcap.v1.Recommender/ReloadModel',
+                request_serializer=endcap_dot_v1_dot_recommender__pb2.ReloadModelRequest.SerializeToString,
+                response_deserializer=endcap_dot_v1_dot_recommender__pb2.ReloadModelResponse.FromString,
+                _registered_method=True)
 
 
 class RecommenderServicer:
@@ -93,6 +133,73 @@ class RecommenderServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Popular(self, request, context):
+        """Bestsellers or trending items of the shopper's segment (country, device,
+        optionally categories via filters), from real-time time-decayed counts
+        blended with the trained popularity.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RecentlyViewed(self, request, context):
+        """The shopper's recently viewed items, newest first ("continue shopping").
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def TrackEvents(self, request, context):
+        """Records shopper events (views, carts, purchases, searches, impressions,
+        clicks). Each event is validated on its own: bad events are rejected with
+        a reason, good ones in the same batch are kept. Acknowledged events are
+        reflected in the next Recommend for that shopper.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def StreamEvents(self, request_iterator, context):
+        """Client-streaming TrackEvents for high-volume producers: send batches,
+        receive one summary when the stream closes.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def UpsertItems(self, request, context):
+        """Adds or changes catalog items. New items get an embedding from their
+        content (category, brand, price) and are recommendable immediately; price,
+        stock and availability changes apply to the very next request.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DeleteItems(self, request, context):
+        """Removes items from everything the service returns.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ForgetUser(self, request, context):
+        """Forgets a shopper: removes their real-time state everywhere, tombstones
+        their events in the event log (physically removed by compaction) and stops
+        using their trained profile. A later Recommend treats them as new.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ReloadModel(self, request, context):
+        """Loads a model artifact version in the background, verifies it, and swaps
+        it in atomically; the old model keeps serving if the new one is refused.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_RecommenderServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -110,6 +217,46 @@ def add_RecommenderServicer_to_server(servicer, server):
                     servicer.SimilarItems,
                     request_deserializer=endcap_dot_v1_dot_recommender__pb2.SimilarItemsRequest.FromString,
                     response_serializer=endcap_dot_v1_dot_recommender__pb2.SimilarItemsResponse.SerializeToString,
+            ),
+            'Popular': grpc.unary_unary_rpc_method_handler(
+                    servicer.Popular,
+                    request_deserializer=endcap_dot_v1_dot_recommender__pb2.PopularRequest.FromString,
+                    response_serializer=endcap_dot_v1_dot_recommender__pb2.PopularResponse.SerializeToString,
+            ),
+            'RecentlyViewed': grpc.unary_unary_rpc_method_handler(
+                    servicer.RecentlyViewed,
+                    request_deserializer=endcap_dot_v1_dot_recommender__pb2.RecentlyViewedRequest.FromString,
+                    response_serializer=endcap_dot_v1_dot_recommender__pb2.RecentlyViewedResponse.SerializeToString,
+            ),
+            'TrackEvents': grpc.unary_unary_rpc_method_handler(
+                    servicer.TrackEvents,
+                    request_deserializer=endcap_dot_v1_dot_recommender__pb2.TrackEventsRequest.FromString,
+                    response_serializer=endcap_dot_v1_dot_recommender__pb2.TrackEventsResponse.SerializeToString,
+            ),
+            'StreamEvents': grpc.stream_unary_rpc_method_handler(
+                    servicer.StreamEvents,
+                    request_deserializer=endcap_dot_v1_dot_recommender__pb2.StreamEventsRequest.FromString,
+                    response_serializer=endcap_dot_v1_dot_recommender__pb2.StreamEventsResponse.SerializeToString,
+            ),
+            'UpsertItems': grpc.unary_unary_rpc_method_handler(
+                    servicer.UpsertItems,
+                    request_deserializer=endcap_dot_v1_dot_recommender__pb2.UpsertItemsRequest.FromString,
+                    response_serializer=endcap_dot_v1_dot_recommender__pb2.UpsertItemsResponse.SerializeToString,
+            ),
+            'DeleteItems': grpc.unary_unary_rpc_method_handler(
+                    servicer.DeleteItems,
+                    request_deserializer=endcap_dot_v1_dot_recommender__pb2.DeleteItemsRequest.FromString,
+                    response_serializer=endcap_dot_v1_dot_recommender__pb2.DeleteItemsResponse.SerializeToString,
+            ),
+            'ForgetUser': grpc.unary_unary_rpc_method_handler(
+                    servicer.ForgetUser,
+                    request_deserializer=endcap_dot_v1_dot_recommender__pb2.ForgetUserRequest.FromString,
+                    response_serializer=endcap_dot_v1_dot_recommender__pb2.ForgetUserResponse.SerializeToString,
+            ),
+            'ReloadModel': grpc.unary_unary_rpc_method_handler(
+                    servicer.ReloadModel,
+                    request_deserializer=endcap_dot_v1_dot_recommender__pb2.ReloadModelRequest.FromString,
+                    response_serializer=endcap_dot_v1_dot_recommender__pb2.ReloadModelResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -200,6 +347,222 @@ class Recommender:
             '/endcap.v1.Recommender/SimilarItems',
             endcap_dot_v1_dot_recommender__pb2.SimilarItemsRequest.SerializeToString,
             endcap_dot_v1_dot_recommender__pb2.SimilarItemsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Popular(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/endcap.v1.Recommender/Popular',
+            endcap_dot_v1_dot_recommender__pb2.PopularRequest.SerializeToString,
+            endcap_dot_v1_dot_recommender__pb2.PopularResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RecentlyViewed(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/endcap.v1.Recommender/RecentlyViewed',
+            endcap_dot_v1_dot_recommender__pb2.RecentlyViewedRequest.SerializeToString,
+            endcap_dot_v1_dot_recommender__pb2.RecentlyViewedResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def TrackEvents(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/endcap.v1.Recommender/TrackEvents',
+            endcap_dot_v1_dot_recommender__pb2.TrackEventsRequest.SerializeToString,
+            endcap_dot_v1_dot_recommender__pb2.TrackEventsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def StreamEvents(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_unary(
+            request_iterator,
+            target,
+            '/endcap.v1.Recommender/StreamEvents',
+            endcap_dot_v1_dot_recommender__pb2.StreamEventsRequest.SerializeToString,
+            endcap_dot_v1_dot_recommender__pb2.StreamEventsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UpsertItems(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/endcap.v1.Recommender/UpsertItems',
+            endcap_dot_v1_dot_recommender__pb2.UpsertItemsRequest.SerializeToString,
+            endcap_dot_v1_dot_recommender__pb2.UpsertItemsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DeleteItems(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/endcap.v1.Recommender/DeleteItems',
+            endcap_dot_v1_dot_recommender__pb2.DeleteItemsRequest.SerializeToString,
+            endcap_dot_v1_dot_recommender__pb2.DeleteItemsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ForgetUser(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/endcap.v1.Recommender/ForgetUser',
+            endcap_dot_v1_dot_recommender__pb2.ForgetUserRequest.SerializeToString,
+            endcap_dot_v1_dot_recommender__pb2.ForgetUserResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ReloadModel(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/endcap.v1.Recommender/ReloadModel',
+            endcap_dot_v1_dot_recommender__pb2.ReloadModelRequest.SerializeToString,
+            endcap_dot_v1_dot_recommender__pb2.ReloadModelResponse.FromString,
             options,
             channel_credentials,
             insecure,

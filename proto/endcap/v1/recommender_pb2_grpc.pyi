@@ -58,6 +58,39 @@ class RecommenderStub:
     """Items related to one or more seed items: product-page "similar items",
     cart "goes well with". Seeds are never returned.
     """
+    Popular: _grpc.UnaryUnaryMultiCallable[_recommender_pb2.PopularRequest, _recommender_pb2.PopularResponse]
+    """Bestsellers or trending items of the shopper's segment (country, device,
+    optionally categories via filters), from real-time time-decayed counts
+    blended with the trained popularity.
+    """
+    RecentlyViewed: _grpc.UnaryUnaryMultiCallable[_recommender_pb2.RecentlyViewedRequest, _recommender_pb2.RecentlyViewedResponse]
+    """The shopper's recently viewed items, newest first ("continue shopping")."""
+    TrackEvents: _grpc.UnaryUnaryMultiCallable[_recommender_pb2.TrackEventsRequest, _recommender_pb2.TrackEventsResponse]
+    """Records shopper events (views, carts, purchases, searches, impressions,
+    clicks). Each event is validated on its own: bad events are rejected with
+    a reason, good ones in the same batch are kept. Acknowledged events are
+    reflected in the next Recommend for that shopper.
+    """
+    StreamEvents: _grpc.StreamUnaryMultiCallable[_recommender_pb2.StreamEventsRequest, _recommender_pb2.StreamEventsResponse]
+    """Client-streaming TrackEvents for high-volume producers: send batches,
+    receive one summary when the stream closes.
+    """
+    UpsertItems: _grpc.UnaryUnaryMultiCallable[_recommender_pb2.UpsertItemsRequest, _recommender_pb2.UpsertItemsResponse]
+    """Adds or changes catalog items. New items get an embedding from their
+    content (category, brand, price) and are recommendable immediately; price,
+    stock and availability changes apply to the very next request.
+    """
+    DeleteItems: _grpc.UnaryUnaryMultiCallable[_recommender_pb2.DeleteItemsRequest, _recommender_pb2.DeleteItemsResponse]
+    """Removes items from everything the service returns."""
+    ForgetUser: _grpc.UnaryUnaryMultiCallable[_recommender_pb2.ForgetUserRequest, _recommender_pb2.ForgetUserResponse]
+    """Forgets a shopper: removes their real-time state everywhere, tombstones
+    their events in the event log (physically removed by compaction) and stops
+    using their trained profile. A later Recommend treats them as new.
+    """
+    ReloadModel: _grpc.UnaryUnaryMultiCallable[_recommender_pb2.ReloadModelRequest, _recommender_pb2.ReloadModelResponse]
+    """Loads a model artifact version in the background, verifies it, and swaps
+    it in atomically; the old model keeps serving if the new one is refused.
+    """
 
 @_typing.type_check_only
 class RecommenderAsyncStub(RecommenderStub):
@@ -83,6 +116,39 @@ class RecommenderAsyncStub(RecommenderStub):
     SimilarItems: _aio.UnaryUnaryMultiCallable[_recommender_pb2.SimilarItemsRequest, _recommender_pb2.SimilarItemsResponse]  # type: ignore[assignment]
     """Items related to one or more seed items: product-page "similar items",
     cart "goes well with". Seeds are never returned.
+    """
+    Popular: _aio.UnaryUnaryMultiCallable[_recommender_pb2.PopularRequest, _recommender_pb2.PopularResponse]  # type: ignore[assignment]
+    """Bestsellers or trending items of the shopper's segment (country, device,
+    optionally categories via filters), from real-time time-decayed counts
+    blended with the trained popularity.
+    """
+    RecentlyViewed: _aio.UnaryUnaryMultiCallable[_recommender_pb2.RecentlyViewedRequest, _recommender_pb2.RecentlyViewedResponse]  # type: ignore[assignment]
+    """The shopper's recently viewed items, newest first ("continue shopping")."""
+    TrackEvents: _aio.UnaryUnaryMultiCallable[_recommender_pb2.TrackEventsRequest, _recommender_pb2.TrackEventsResponse]  # type: ignore[assignment]
+    """Records shopper events (views, carts, purchases, searches, impressions,
+    clicks). Each event is validated on its own: bad events are rejected with
+    a reason, good ones in the same batch are kept. Acknowledged events are
+    reflected in the next Recommend for that shopper.
+    """
+    StreamEvents: _aio.StreamUnaryMultiCallable[_recommender_pb2.StreamEventsRequest, _recommender_pb2.StreamEventsResponse]  # type: ignore[assignment]
+    """Client-streaming TrackEvents for high-volume producers: send batches,
+    receive one summary when the stream closes.
+    """
+    UpsertItems: _aio.UnaryUnaryMultiCallable[_recommender_pb2.UpsertItemsRequest, _recommender_pb2.UpsertItemsResponse]  # type: ignore[assignment]
+    """Adds or changes catalog items. New items get an embedding from their
+    content (category, brand, price) and are recommendable immediately; price,
+    stock and availability changes apply to the very next request.
+    """
+    DeleteItems: _aio.UnaryUnaryMultiCallable[_recommender_pb2.DeleteItemsRequest, _recommender_pb2.DeleteItemsResponse]  # type: ignore[assignment]
+    """Removes items from everything the service returns."""
+    ForgetUser: _aio.UnaryUnaryMultiCallable[_recommender_pb2.ForgetUserRequest, _recommender_pb2.ForgetUserResponse]  # type: ignore[assignment]
+    """Forgets a shopper: removes their real-time state everywhere, tombstones
+    their events in the event log (physically removed by compaction) and stops
+    using their trained profile. A later Recommend treats them as new.
+    """
+    ReloadModel: _aio.UnaryUnaryMultiCallable[_recommender_pb2.ReloadModelRequest, _recommender_pb2.ReloadModelResponse]  # type: ignore[assignment]
+    """Loads a model artifact version in the background, verifies it, and swaps
+    it in atomically; the old model keeps serving if the new one is refused.
     """
 
 class RecommenderServicer(metaclass=_abc_1.ABCMeta):
@@ -124,6 +190,87 @@ class RecommenderServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_recommender_pb2.SimilarItemsResponse, _abc.Awaitable[_recommender_pb2.SimilarItemsResponse]]:
         """Items related to one or more seed items: product-page "similar items",
         cart "goes well with". Seeds are never returned.
+        """
+
+    @_abc_1.abstractmethod
+    def Popular(
+        self,
+        request: _recommender_pb2.PopularRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_recommender_pb2.PopularResponse, _abc.Awaitable[_recommender_pb2.PopularResponse]]:
+        """Bestsellers or trending items of the shopper's segment (country, device,
+        optionally categories via filters), from real-time time-decayed counts
+        blended with the trained popularity.
+        """
+
+    @_abc_1.abstractmethod
+    def RecentlyViewed(
+        self,
+        request: _recommender_pb2.RecentlyViewedRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_recommender_pb2.RecentlyViewedResponse, _abc.Awaitable[_recommender_pb2.RecentlyViewedResponse]]:
+        """The shopper's recently viewed items, newest first ("continue shopping")."""
+
+    @_abc_1.abstractmethod
+    def TrackEvents(
+        self,
+        request: _recommender_pb2.TrackEventsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_recommender_pb2.TrackEventsResponse, _abc.Awaitable[_recommender_pb2.TrackEventsResponse]]:
+        """Records shopper events (views, carts, purchases, searches, impressions,
+        clicks). Each event is validated on its own: bad events are rejected with
+        a reason, good ones in the same batch are kept. Acknowledged events are
+        reflected in the next Recommend for that shopper.
+        """
+
+    @_abc_1.abstractmethod
+    def StreamEvents(
+        self,
+        request_iterator: _MaybeAsyncIterator[_recommender_pb2.StreamEventsRequest],
+        context: _ServicerContext,
+    ) -> _typing.Union[_recommender_pb2.StreamEventsResponse, _abc.Awaitable[_recommender_pb2.StreamEventsResponse]]:
+        """Client-streaming TrackEvents for high-volume producers: send batches,
+        receive one summary when the stream closes.
+        """
+
+    @_abc_1.abstractmethod
+    def UpsertItems(
+        self,
+        request: _recommender_pb2.UpsertItemsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_recommender_pb2.UpsertItemsResponse, _abc.Awaitable[_recommender_pb2.UpsertItemsResponse]]:
+        """Adds or changes catalog items. New items get an embedding from their
+        content (category, brand, price) and are recommendable immediately; price,
+        stock and availability changes apply to the very next request.
+        """
+
+    @_abc_1.abstractmethod
+    def DeleteItems(
+        self,
+        request: _recommender_pb2.DeleteItemsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_recommender_pb2.DeleteItemsResponse, _abc.Awaitable[_recommender_pb2.DeleteItemsResponse]]:
+        """Removes items from everything the service returns."""
+
+    @_abc_1.abstractmethod
+    def ForgetUser(
+        self,
+        request: _recommender_pb2.ForgetUserRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_recommender_pb2.ForgetUserResponse, _abc.Awaitable[_recommender_pb2.ForgetUserResponse]]:
+        """Forgets a shopper: removes their real-time state everywhere, tombstones
+        their events in the event log (physically removed by compaction) and stops
+        using their trained profile. A later Recommend treats them as new.
+        """
+
+    @_abc_1.abstractmethod
+    def ReloadModel(
+        self,
+        request: _recommender_pb2.ReloadModelRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_recommender_pb2.ReloadModelResponse, _abc.Awaitable[_recommender_pb2.ReloadModelResponse]]:
+        """Loads a model artifact version in the background, verifies it, and swaps
+        it in atomically; the old model keeps serving if the new one is refused.
         """
 
 def add_RecommenderServicer_to_server(servicer: RecommenderServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

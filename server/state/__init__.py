@@ -1,0 +1,1 @@
+"""Real-time state: shopper profiles, live popularity, the durable event log."""

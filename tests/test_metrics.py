@@ -1,0 +1,67 @@
+"""The Prometheus exposition, scraped over HTTP from a real server and parsed."""
+
+from __future__ import annotations
+
+import urllib.request
+from collections.abc import Iterator
+
+import grpc
+import pytest
+from prometheus_client import start_http_server
+from prometheus_client.parser import text_string_to_metric_families
+
+from conftest import ServerThread
+from endcap.v1 import recommender_pb2 as pb
+from endcap.v1 import recommender_pb2_grpc as pb_grpc
+
+
+@pytest.fixture(scope="module")
+def metrics_url(server: ServerThread) -> Iterator[str]:
+    http, thread = start_http_server(0, addr="127.0.0.1", registry=server.running.metrics.registry)
+    yield f"http://127.0.0.1:{http.server_port}/metrics"
+    http.shutdown()
+    http.server_close()
+    thread.join(timeout=5)
+
+
+def scrape(url: str) -> dict[str, dict[tuple[tuple[str, str], ...], float]]:
+    with urllib.request.urlopen(url, timeout=10) as reply:
+        text = reply.read().decode()
+    out: dict[str, dict[tuple[tuple[str, str], ...], float]] = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            out.setdefault(sample.name, {})[tuple(sorted(sample.labels.items()))] = sample.value
+    return out
+
+
+def test_requests_latency_and_provenance_are_exposed(
+    stub: pb_grpc.RecommenderStub, metrics_url: str
+) -> None:
+    before = scrape(metrics_url)
+    key_ok = (("code", "OK"), ("method", "Recommend"))
+    key_bad = (("code", "INVALID_ARGUMENT"), ("method", "Recommend"))
+    n_ok = before.get("endcap_grpc_requests_total", {}).get(key_ok, 0.0)
+    n_bad = before.get("endcap_grpc_requests_total", {}).get(key_bad, 0.0)
+    for _ in range(3):
+        stub.Recommend(pb.RecommendRequest(context=pb.RequestContext(country="DE"), num_results=4))
+    with pytest.raises(grpc.RpcError):
+        stub.Recommend(pb.RecommendRequest(num_results=9999))
+    after = scrape(metrics_url)
+    assert after["endcap_grpc_requests_total"][key_ok] == n_ok + 3
+    assert after["endcap_grpc_requests_total"][key_bad] == n_bad + 1
+    count = after["endcap_grpc_handling_seconds_count"][(("method", "Recommend"),)]
+    assert count >= n_ok + n_bad + 4
+    buckets = {
+        dict(k)["le"]: v
+        for k, v in after["endcap_grpc_handling_seconds_bucket"].items()
+        if dict(k)["method"] == "Recommend"
+    }
+    assert "5e-05" in buckets and "0.01" in buckets  # 50 us .. 10 ms resolution
+    served = after["endcap_items_served_total"]
+    assert served[(("provenance", "segment_popularity"),)] >= 1
+    assert after["endcap_catalog_items"][()] > 0
+    (info_labels,) = after["endcap_model_info"].keys()
+    assert dict(info_labels)["model_version"]
+    assert after["endcap_model_created_timestamp_seconds"][()] > 1.6e9
+    plans = {dict(k)["plan"] for k in after["endcap_retrieval_seconds_count"]}
+    assert "popularity" in plans
