@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import io
+import json
 import math
 import subprocess
 import sys
@@ -11,6 +13,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 import pytest
+from rich.console import Console
 
 from training.baselines import EASE, MostPop
 from training.ml100k import DatasetUnavailable, cache_dir_from_env, default_cache_dir, load_ml100k
@@ -20,8 +23,10 @@ from training.protocol import (
     ScoreFn,
     Split,
     evaluate,
+    evaluate_ml100k,
     fingerprints,
     mean_std,
+    print_report,
     temporal_split,
     top_k,
 )
@@ -299,3 +304,19 @@ def test_sequential_model_scores_are_dot_products() -> None:
     user = encode_sequence(weights, np.array([5, 4, 3, 2, 1]))
     np.testing.assert_allclose(scores[0], weights["item_embeddings"] @ user, rtol=1e-5)
     assert scores.shape == (2, 6)
+
+
+def test_evaluate_ml100k_report_is_json_ready() -> None:
+    try:
+        report = evaluate_ml100k(seeds=(0,), cache_dir=default_cache_dir(), models=("MostPop",))
+    except DatasetUnavailable as exc:
+        pytest.skip(f"recbole==1.2.1 wheel cannot be downloaded, so ML-100K is unavailable: {exc}")
+    decoded = json.loads(json.dumps(report))
+    assert decoded["fingerprints_match_protocol"] is True
+    (mostpop,) = decoded["models"]
+    assert mostpop["name"] == "MostPop"
+    assert round(mostpop["test"]["ndcg@10"]["mean"], 4) == 0.0716
+    console = Console(file=io.StringIO(), width=200)
+    print_report(report, console)
+    text = console.file.getvalue()  # type: ignore[attr-defined]
+    assert "MostPop" in text and PROTOCOL_MD5["test"] in text

@@ -4,12 +4,17 @@ from __future__ import annotations
 
 import hashlib
 import math
-from collections.abc import Callable, Sequence
+import time
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Literal
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 import numpy.typing as npt
+
+if TYPE_CHECKING:
+    from rich.console import Console
 
 Phase = Literal["valid", "test"]
 # Users batch (int64 user indexes) -> scores (batch, n_items); higher is better.
@@ -293,3 +298,135 @@ def mean_std(values: Sequence[float]) -> dict[str, float]:
     arr = np.asarray(values, dtype=np.float64)
     std = float(arr.std(ddof=1)) if arr.shape[0] > 1 else 0.0
     return {"mean": float(arr.mean()), "std": std if math.isfinite(std) else 0.0}
+
+
+# ---- the ML-100K comparison ---------------------------------------------------
+
+# PROTOCOL.md: NDCG@10 >= 1.05 x the best peer (GRU4Rec 0.1463), Recall@10 > 0.1437.
+TARGET_NDCG10 = 0.1536
+TARGET_RECALL10 = 0.1437
+REPORT_METRICS = ("recall@10", "ndcg@10", "hit@10", "recall@50", "coverage@10", "pop_pct@10")
+
+
+def _run_model(
+    name: str,
+    fit: Callable[[int], tuple[ScoreFn, dict[str, object], float]],
+    split: Split,
+    seeds: Sequence[int],
+) -> dict[str, object]:
+    """Fit once per seed, score test; aggregate mean and std per metric."""
+    runs: list[dict[str, float]] = []
+    params: dict[str, object] = {}
+    for seed in seeds:
+        start = time.perf_counter()
+        score, params, valid_ndcg = fit(seed)
+        train_s = time.perf_counter() - start
+        metrics = evaluate(score, split, "test")
+        runs.append(metrics | {"valid_ndcg@10": valid_ndcg, "train_s": train_s})
+    return {
+        "name": name,
+        "params": params,
+        "test": {m: mean_std([r[m] for r in runs]) for m in REPORT_METRICS},
+        "valid_ndcg@10": mean_std([r["valid_ndcg@10"] for r in runs]),
+        "train_s": mean_std([r["train_s"] for r in runs]),
+        "runs": runs,
+    }
+
+
+def evaluate_ml100k(
+    seeds: Sequence[int] = (0, 1, 2),
+    cache_dir: Path | None = None,
+    models: Sequence[str] = ("MostPop", "EASE", "ALS", "SASRec"),
+    progress: Callable[[str], None] | None = None,
+) -> dict[str, object]:
+    """Run the PROTOCOL.md comparison; a JSON-ready report.
+
+    Each model is trained on train (hyper-parameters are the ones tuned on
+    valid, see baselines.tune_* and sequential.SeqConfig) once per seed and
+    scored on test; metrics are mean and sample std over seeds, train_s
+    includes fitting and valid evaluation (early stopping).
+    """
+    from training.baselines import ALS, EASE, MostPop
+    from training.ml100k import load_ml100k
+    from training.sequential import SeqConfig, train_sequential
+
+    say = progress or (lambda message: None)
+    data = load_ml100k(cache_dir)
+    split = temporal_split(data.user_id, data.item_id, data.timestamp, data.item_ids)
+    prints = fingerprints(split)
+    valid_history, test_history = split.history("valid"), split.history("test")
+
+    def valid_ndcg(score: ScoreFn) -> float:
+        return evaluate(score, split, "valid")["ndcg@10"]
+
+    def fit_mostpop(seed: int) -> tuple[ScoreFn, dict[str, object], float]:
+        model = MostPop.fit(split)
+        return model.scorer(test_history), {}, valid_ndcg(model.scorer(valid_history))
+
+    def fit_ease(seed: int) -> tuple[ScoreFn, dict[str, object], float]:
+        model = EASE.fit(split)
+        params: dict[str, object] = {"l2": 100.0}
+        return model.scorer(test_history), params, valid_ndcg(model.scorer(valid_history))
+
+    def fit_als(seed: int) -> tuple[ScoreFn, dict[str, object], float]:
+        params: dict[str, object] = {"factors": 64, "reg": 10.0, "alpha": 1.0, "iterations": 15}
+        model = ALS.fit(split, seed=seed)
+        return model.scorer(test_history), params, valid_ndcg(model.scorer(valid_history))
+
+    def fit_sasrec(seed: int) -> tuple[ScoreFn, dict[str, object], float]:
+        model = train_sequential(split, SeqConfig(), seed)
+        return model.scorer(test_history), model.params(), model.valid_ndcg10
+
+    fits = {"MostPop": fit_mostpop, "EASE": fit_ease, "ALS": fit_als, "SASRec": fit_sasrec}
+    unknown = sorted(set(models) - set(fits))
+    if unknown:
+        raise ValueError(f"models must be among {sorted(fits)}, got {unknown}")
+    results = []
+    for name in models:
+        say(f"{name}: {len(seeds)} seeds")
+        results.append(_run_model(name, fits[name], split, seeds))
+    return {
+        "dataset": "ml100k",
+        "protocol": "PROTOCOL.md (per-user temporal split, full ranking)",
+        "fingerprints": prints,
+        "fingerprints_match_protocol": prints == PROTOCOL_MD5,
+        "counts": {
+            "users": split.n_users,
+            "items": split.n_items,
+            "train": len(split.train),
+            "valid": len(split.valid),
+            "test": len(split.test),
+        },
+        "seeds": list(seeds),
+        "target": {"ndcg@10": TARGET_NDCG10, "recall@10": TARGET_RECALL10},
+        "models": results,
+    }
+
+
+def print_report(report: Mapping[str, Any], console: Console | None = None) -> None:
+    """Render evaluate_ml100k's report as a rich table."""
+    from rich.console import Console
+    from rich.table import Table
+
+    out = console or Console()
+    prints = report["fingerprints"]
+    match = "matches" if report["fingerprints_match_protocol"] else "DOES NOT MATCH"
+    out.print(
+        f"ML-100K split md5 train {prints['train']} valid {prints['valid']} "
+        f"test {prints['test']} ({match} PROTOCOL.md)"
+    )
+    table = Table(title=f"test metrics, mean ± std over seeds {report['seeds']}")
+    table.add_column("model")
+    for metric in REPORT_METRICS:
+        table.add_column(metric, justify="right")
+    table.add_column("train s", justify="right")
+    for model in report["models"]:
+        cells = [
+            f"{model['test'][m]['mean']:.4f} ± {model['test'][m]['std']:.4f}"
+            for m in REPORT_METRICS
+        ]
+        train_s = model["train_s"]
+        table.add_row(model["name"], *cells, f"{train_s['mean']:.1f} ± {train_s['std']:.1f}")
+    out.print(table)
+    target = report["target"]
+    out.print(f"target: ndcg@10 >= {target['ndcg@10']}, recall@10 > {target['recall@10']}")
