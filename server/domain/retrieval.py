@@ -31,6 +31,8 @@ class Provenance(enum.IntEnum):
     SEGMENT_POPULARITY = 3
     GLOBAL_POPULARITY = 4
     RERANKED_CANDIDATE = 5
+    RECENTLY_VIEWED = 6
+    TRENDING = 7
 
 
 @dataclass(frozen=True, slots=True)
