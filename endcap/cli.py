@@ -105,6 +105,35 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return asyncio.run(run_demo(settings, keep_serving=not args.no_wait))
 
 
+def cmd_experiments_report(args: argparse.Namespace) -> int:
+    import json
+
+    from endcap.reports import experiment_results, results_table
+    from endcap.ui import console
+
+    results, _ = experiment_results(args.events)
+    table, rows = results_table(results)
+    console().print(table if rows else "no attributed impressions, clicks or purchases in the log")
+    if args.json:
+        args.json.write_text(json.dumps(rows, indent=2) + "\n")
+    return 0
+
+
+def cmd_events(args: argparse.Namespace) -> int:
+    from endcap.reports import log_stats_table
+    from endcap.ui import console
+    from server.state.eventlog import EventLog, read_events
+
+    if args.action == "compact":
+        log = EventLog(args.dir, fsync="always")
+        removed = log.compact()
+        log.close()
+        print(f"removed {removed} forgotten events from closed segments")
+    _, stats = read_events(args.dir)
+    console().print(log_stats_table(stats, args.dir))
+    return 0
+
+
 def cmd_health(args: argparse.Namespace) -> int:
     """Exit 0 if the server at --target reports SERVING (container health checks)."""
     import grpc
@@ -159,6 +188,28 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_serve_flags(serve)
     serve.set_defaults(func=cmd_serve)
+
+    experiments = sub.add_parser(
+        "experiments",
+        help="A/B experiment reports",
+        description="Report experiment results from the durable event log: impressions, clicks "
+        "and purchases attributed to each variant through recommendation_id, with 95% intervals.",
+    )
+    exp_sub = experiments.add_subparsers(dest="action", required=True)
+    report = exp_sub.add_parser("report", help="per-variant CTR and conversion with intervals")
+    report.add_argument("--events", type=Path, required=True, help="event log directory")
+    report.add_argument("--json", type=Path, help="also write the rows as JSON here")
+    report.set_defaults(func=cmd_experiments_report)
+
+    events = sub.add_parser(
+        "events",
+        help="inspect or compact the durable event log",
+        description="stats: counts of events, tombstones and torn bytes. compact: rewrite closed "
+        "segments without forgotten shoppers' events (ForgetUser tombstones them first).",
+    )
+    events.add_argument("action", choices=("stats", "compact"))
+    events.add_argument("--dir", type=Path, required=True, help="event log directory")
+    events.set_defaults(func=cmd_events)
 
     health = sub.add_parser(
         "health",

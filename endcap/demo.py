@@ -10,6 +10,7 @@ from prometheus_client import start_http_server
 from rich.console import Console
 from rich.table import Table
 
+from endcap.ui import console as make_console
 from endcap.v1 import recommender_pb2 as pb
 from endcap.v1 import recommender_pb2_grpc as pb_grpc
 from server.app import load_engine, start
@@ -118,7 +119,7 @@ async def show_examples(
 
 
 async def run_demo(settings: Settings, *, keep_serving: bool) -> int:
-    console = Console()
+    console = make_console()
     if settings.metrics_port:
         start_http_server(settings.metrics_port, addr=settings.host)
     running = await start(settings)

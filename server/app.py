@@ -20,8 +20,10 @@ from prometheus_client import start_http_server
 
 from endcap.v1 import recommender_pb2, recommender_pb2_grpc
 from server.artifact import LATEST, ArtifactError, load_artifact
+from server.domain import experiments
 from server.domain.catalog import ItemUpdate
 from server.domain.engine import Engine
+from server.domain.experiments import ExperimentConfigError
 from server.domain.retrieval import SearchTuning
 from server.infra.metrics import Metrics, default_metrics
 from server.infra.settings import Settings
@@ -219,6 +221,25 @@ async def start(settings: Settings, metrics: Metrics | None = None) -> Running:
     return running
 
 
+async def load_experiments(running: Running) -> None:
+    """Load the experiments file and the artifact version each variant names."""
+    settings = running.settings
+    if not settings.experiments:
+        return
+    loaded = experiments.load(Path(settings.experiments))
+    loop = asyncio.get_running_loop()
+    engines: dict[str, Engine] = {}
+    for exp in loaded:
+        for variant in exp.variants:
+            if variant.model and variant.model not in engines:
+                engines[variant.model] = await loop.run_in_executor(
+                    running.executor, load_engine, settings, settings.artifacts / variant.model
+                )
+    running.holder.experiments = loaded
+    running.holder.variant_engines = engines
+    log.info("experiments: %s", ", ".join(f"{e.name} ({len(e.variants)} variants)" for e in loaded))
+
+
 async def _watch_latest(running: Running, interval_s: float) -> None:
     """Reload when the artifact root's LATEST changes (a training job published)."""
     latest = running.settings.artifacts / LATEST
@@ -249,6 +270,12 @@ async def serve(settings: Settings) -> int:
         await running.stop(0)
         return 2
     running.publish(engine)
+    try:
+        await load_experiments(running)
+    except (ExperimentConfigError, ArtifactError, OSError) as exc:
+        log.error("cannot serve: experiments: %s", exc)
+        await running.stop(0)
+        return 2
     await running.set_serving(True)
     log.info(
         "serving model %s: %d items, index %s",

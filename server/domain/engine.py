@@ -119,7 +119,7 @@ class Engine:
         return self.user_row(ctx, profile) is not None or bool(profile.recent)
 
     def encode(
-        self, ctx: Context, profile: Profile, now_s: float
+        self, ctx: Context, profile: Profile, now_s: float, blend: Blend | None = None
     ) -> tuple[npt.NDArray[np.float32], bool]:
         """The query vector for a shopper in context, and whether it is personal.
 
@@ -139,7 +139,7 @@ class Engine:
         ages = np.array([now_s - ts for _, ts in profile.recent[: self.history_length]])[keep]
         rows = np.concatenate([trained, session_rows])
         if rows.size:
-            b = self.blend
+            b = blend or self.blend
             decay = np.exp2(-np.maximum(ages, 0.0) / b.session_half_life_s)
             weights = np.concatenate([np.ones(trained.shape[0]), 1.0 + b.session_boost * decay])
             history = (weights[:, None] * self.vectors.take(rows)).sum(axis=0) / weights.sum()
@@ -166,6 +166,7 @@ class Engine:
         profile: Profile,
         live_popular: Sequence[str],
         now_s: float,
+        blend: Blend | None = None,
     ) -> Answer:
         """Personal picks; purchases excluded, cart excluded on cart/checkout pages,
         cart items as seeds there; unknown shoppers get segment bestsellers."""
@@ -175,7 +176,7 @@ class Engine:
         if ctx.placement in _CART_PLACEMENTS:
             exclude = np.concatenate([exclude, cart])
         flt, currency, rate = self._compile(ctx, query.filters, exclude)
-        q, personal = self.encode(ctx, profile, now_s)
+        q, personal = self.encode(ctx, profile, now_s, blend)
         if ctx.placement in _CART_PLACEMENTS and cart.size:
             q = q + self.vectors.take(cart).mean(axis=0)
             personal = True
@@ -235,7 +236,9 @@ class Engine:
         q = self.vectors.take(seeds).mean(axis=0).astype(np.float32)
         return Answer(self.retriever.search(q, flt, query.k), currency, rate, False)
 
-    def rerank(self, query: RerankQuery, profile: Profile, now_s: float) -> Answer:
+    def rerank(
+        self, query: RerankQuery, profile: Profile, now_s: float, blend: Blend | None = None
+    ) -> Answer:
         ctx = query.context
         rows = self.catalog.lookup(query.candidates)
         known = rows >= 0
@@ -243,7 +246,7 @@ class Engine:
         passing = np.zeros(rows.shape[0], dtype=bool)
         passing[known] = flt.passes(rows[known])
         ids = rows[passing]
-        q, personal = self.encode(ctx, profile, now_s)
+        q, personal = self.encode(ctx, profile, now_s, blend)
         scores = (self.vectors.take(ids) @ q).astype(np.float32, copy=False)
         ids, scores = top_k(ids, scores, query.k or ids.shape[0])
         cands = query.candidates

@@ -88,6 +88,18 @@ class Metrics:
             ["outcome"],
             registry=registry,
         )
+        self.experiment_requests = Counter(
+            "endcap_experiment_requests_total",
+            "Responses served per experiment variant (labels come from the config, bounded).",
+            ["experiment", "variant"],
+            registry=registry,
+        )
+        self.experiment_events = Counter(
+            "endcap_experiment_events_total",
+            "Impressions, clicks and purchases attributed to a variant via recommendation_id.",
+            ["experiment", "variant", "type"],
+            registry=registry,
+        )
         self.model_created = Gauge(
             "endcap_model_created_timestamp_seconds",
             "Unix time the served artifact was built (alert on model age).",

@@ -40,6 +40,7 @@ class Settings:
     profile_ttl_s: float = 30 * 86_400.0
     event_log: str = ""  # directory of the durable event log; "" disables it
     fsync: str = "always"  # always | interval | never
+    experiments: str = ""  # TOML/JSON experiments file; "" = no experiments
     max_message_bytes: int = 4 * 1024 * 1024
     log_level: str = "INFO"
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 import time
@@ -18,9 +19,11 @@ from grpc_status import rpc_status
 from endcap.v1 import recommender_pb2 as pb
 from endcap.v1 import recommender_pb2_grpc as pb_grpc
 from server.artifact import ArtifactError
+from server.domain import experiments
 from server.domain.catalog import ItemUpdate, Rejected
-from server.domain.engine import Answer, Engine
+from server.domain.engine import Answer, Blend, Engine
 from server.domain.errors import InvalidQuery, UnknownItems
+from server.domain.experiments import Assignment, Experiment
 from server.domain.query import Context, Profile, shopper_key
 from server.infra.metrics import Metrics
 from server.state.eventlog import EventLog
@@ -41,6 +44,8 @@ class EngineHolder:
 
     current: Engine | None = None
     journal: list[tuple[str, ItemUpdate | str]] = field(default_factory=list)
+    experiments: tuple[Experiment, ...] = ()
+    variant_engines: dict[str, Engine] = field(default_factory=dict)  # model version -> engine
 
 
 class NoModel(Exception):
@@ -124,6 +129,29 @@ class RecommenderServicer(pb_grpc.RecommenderServicer):
             raise NoModel
         return engine
 
+    def _route(self, ctx: Context) -> tuple[Engine, Blend | None, Assignment | None]:
+        """The engine and strategy parameters for this shopper's experiment variant."""
+        engine = self._engine()
+        assignment = experiments.assign(self._holder.experiments, ctx.user_id, ctx.session_id)
+        if assignment is None:
+            return engine, None, None
+        variant = assignment.variant
+        self._metrics.experiment_requests.labels(assignment.experiment, variant.name).inc()
+        if variant.model:
+            engine = self._holder.variant_engines.get(variant.model, engine)
+        blend = dataclasses.replace(engine.blend, **variant.params) if variant.params else None
+        return engine, blend, assignment
+
+    def _attribute(self, msgs: Sequence[pb.Event]) -> None:
+        """Count impressions, clicks and purchases per variant via their recommendation_id."""
+        known = {(e.name, v.name) for e in self._holder.experiments for v in e.variants}
+        for msg in msgs:
+            if not msg.recommendation_id or msg.type not in _ATTRIBUTED:
+                continue
+            pair = experiments.attribution(msg.recommendation_id)
+            if pair in known:
+                self._metrics.experiment_events.labels(*pair, _ATTRIBUTED[msg.type]).inc()
+
     def _run(self, engine: Engine, run: Callable[[], Answer]) -> Answer:
         start = time.perf_counter()
         answer = run()
@@ -171,37 +199,39 @@ class RecommenderServicer(pb_grpc.RecommenderServicer):
     @_guarded
     async def Recommend(self, request: pb.RecommendRequest, context: Ctx) -> pb.RecommendResponse:
         query = validate.recommend(request)
-        engine = self._engine()
+        engine, blend, assignment = self._route(query.context)
         profile = await self._profile(query.context)
         live: Sequence[str] = ()
         if not engine.is_personal(query.context, profile):
             segment = engine.live_popular_segment(query.context, ())
             live = [item for item, _ in await self._store.top(segment, 4 * query.k, False)]
         now = time.time()
-        answer = self._run(engine, lambda: engine.recommend(query, profile, live, now))
+        answer = self._run(engine, lambda: engine.recommend(query, profile, live, now, blend))
         return pb.RecommendResponse(
             items=self._items(engine, answer),
-            recommendation_id=uuid.uuid4().hex,
+            recommendation_id=experiments.recommendation_id(uuid.uuid4().hex, assignment),
             model_version=engine.model_version,
             currency=answer.currency,
             personalized=answer.personalized,
+            **_variant_fields(assignment),
         )
 
     @_guarded
     async def Rerank(self, request: pb.RerankRequest, context: Ctx) -> pb.RerankResponse:
         query = validate.rerank(request)
-        engine = self._engine()
+        engine, blend, assignment = self._route(query.context)
         profile = await self._profile(query.context)
         now = time.time()
-        answer = self._run(engine, lambda: engine.rerank(query, profile, now))
+        answer = self._run(engine, lambda: engine.rerank(query, profile, now, blend))
         return pb.RerankResponse(
             items=self._items(engine, answer),
             unknown_item_ids=answer.unknown_ids,
             filtered_item_ids=answer.filtered_ids,
-            recommendation_id=uuid.uuid4().hex,
+            recommendation_id=experiments.recommendation_id(uuid.uuid4().hex, assignment),
             model_version=engine.model_version,
             currency=answer.currency,
             personalized=answer.personalized,
+            **_variant_fields(assignment),
         )
 
     @_guarded
@@ -209,13 +239,14 @@ class RecommenderServicer(pb_grpc.RecommenderServicer):
         self, request: pb.SimilarItemsRequest, context: Ctx
     ) -> pb.SimilarItemsResponse:
         query = validate.similar(request)
-        engine = self._engine()
+        engine, _, assignment = self._route(query.context)
         answer = self._run(engine, lambda: engine.similar(query))
         return pb.SimilarItemsResponse(
             items=self._items(engine, answer),
-            recommendation_id=uuid.uuid4().hex,
+            recommendation_id=experiments.recommendation_id(uuid.uuid4().hex, assignment),
             model_version=engine.model_version,
             currency=answer.currency,
+            **_variant_fields(assignment),
         )
 
     @_guarded
@@ -272,6 +303,9 @@ class RecommenderServicer(pb_grpc.RecommenderServicer):
             for r in unresolved
         ]
         rejections.sort(key=lambda r: r.index)
+        self._attribute([msgs[i - offset] for i, _ in good])
+        for _, ev in good:
+            self._metrics.event_lag.observe(max(0.0, now - ev.ts_s))
         if resolved:
             if self._events is not None:
                 await self._events.append_events(
@@ -366,6 +400,19 @@ class RecommenderServicer(pb_grpc.RecommenderServicer):
             raise NoModel
         new, old = await self._reload(version)
         return pb.ReloadModelResponse(model_version=new, previous_model_version=old)
+
+
+_ATTRIBUTED = {
+    pb.Event.RECOMMENDATION_IMPRESSION: "impression",
+    pb.Event.RECOMMENDATION_CLICK: "click",
+    pb.Event.PURCHASE: "purchase",
+}
+
+
+def _variant_fields(assignment: Assignment | None) -> dict[str, str]:
+    if assignment is None:
+        return {}
+    return {"experiment": assignment.experiment, "variant": assignment.variant.name}
 
 
 _PROVENANCE_LABELS = {
