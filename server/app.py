@@ -24,6 +24,8 @@ from server.domain import experiments
 from server.domain.catalog import ItemUpdate
 from server.domain.engine import Engine
 from server.domain.experiments import ExperimentConfigError
+from server.domain.strategy import StrategyConfigError
+from server.domain.strategy import load as load_strategies
 from server.domain.retrieval import SearchTuning
 from server.infra.metrics import Metrics, default_metrics
 from server.infra.settings import Settings
@@ -47,7 +49,8 @@ def load_engine(settings: Settings, path: Path | None = None) -> Engine:
         ann_min_nprobe=settings.ann_min_nprobe,
         ann_overfetch=settings.ann_overfetch,
     )
-    engine = Engine(artifact, tuning, live_capacity=settings.live_capacity)
+    strategies = load_strategies(Path(settings.strategies) if settings.strategies else None)
+    engine = Engine(artifact, tuning, live_capacity=settings.live_capacity, strategies=strategies)
     try:
         engine.smoke_test()
     except (ValueError, IndexError) as exc:
@@ -265,7 +268,7 @@ async def serve(settings: Settings) -> int:
     )
     try:
         engine = await loop.run_in_executor(running.executor, load_engine, settings)
-    except ArtifactError as exc:
+    except (ArtifactError, StrategyConfigError) as exc:
         log.error("cannot serve: %s", exc)
         await running.stop(0)
         return 2

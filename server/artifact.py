@@ -75,6 +75,19 @@ SCHEMA: dict[str, tuple[str, tuple[str, ...]]] = {
 }
 
 
+# Arrays an artifact may carry; validated when present, absent in older ones.
+OPTIONAL_SCHEMA: dict[str, tuple[str, tuple[str, ...]]] = {
+    # Purchase history of trained users (RFM shopper segments).
+    "user_orders": ("int32", ("u",)),
+    "user_monetary": ("float64", ("u",)),  # base currency
+    "user_last_purchase_s": ("float64", ("u",)),  # unix seconds, 0 = never
+    # "Customers also bought": per item, co-purchased items best first (CSR).
+    "copurchase_indptr": ("int64", ("n+1",)),
+    "copurchase_items": ("int32", ("cp",)),
+    "copurchase_scores": ("float32", ("cp",)),
+}
+
+
 class ArtifactError(Exception):
     """The artifact is missing, corrupt, or not in a format this server reads."""
 
@@ -185,6 +198,8 @@ def _dims(manifest: Manifest, arrays: Mapping[str, npt.NDArray[Any]]) -> dict[st
         "s": int(arrays["segment_top_items"].shape[-1]),
         "w": (n + 63) // 64,
         "4": 4,
+        "n+1": n + 1,
+        "cp": int(arrays["copurchase_items"].shape[0]) if "copurchase_items" in arrays else 0,
     }
 
 
@@ -194,7 +209,8 @@ def validate_arrays(manifest: Manifest, arrays: Mapping[str, npt.NDArray[Any]]) 
     if missing:
         raise ArtifactError(f"artifact is missing arrays: {', '.join(missing)}")
     dims = _dims(manifest, arrays)
-    for name, (dtype, shape) in SCHEMA.items():
+    present = {**SCHEMA, **{k: v for k, v in OPTIONAL_SCHEMA.items() if k in arrays}}
+    for name, (dtype, shape) in present.items():
         arr = arrays[name]
         kind_ok = arr.dtype.kind == "U" if dtype == "U" else arr.dtype == np.dtype(dtype)
         if not kind_ok:

@@ -4,13 +4,14 @@ every read RPC from a query, the shopper's real-time profile and live popularity
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 import numpy.typing as npt
 
 from server.artifact import Artifact
+from server.domain import placement
 from server.domain.catalog import Catalog, IdIndex, ItemUpdate, Rejected
 from server.domain.errors import UnknownItems
 from server.domain.filters import Compiled
@@ -30,6 +31,8 @@ from server.domain.query import (
 )
 from server.domain.ranking import top_k
 from server.domain.retrieval import Provenance, Results, Retriever, SearchTuning, Vectors
+from server.domain.strategy import Strategies
+from server.domain.strategy import load as load_strategies
 
 # Event kinds (Event.Type values in the proto).
 VIEW, ADD_TO_CART, REMOVE_FROM_CART, PURCHASE = 1, 2, 3, 4
@@ -50,6 +53,10 @@ class Answer:
     unknown_ids: tuple[str, ...] = ()
     filtered_ids: tuple[str, ...] = ()
     segment: str = ""
+    reasons: tuple[str, ...] = ()
+    reason_items: tuple[str, ...] = ()
+    strategy: str = ""
+    shopper_segment: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -71,8 +78,10 @@ class Engine:
         *,
         live_capacity: int = 100_000,
         blend: Blend | None = None,
+        strategies: Strategies | None = None,
     ) -> None:
         self.artifact = artifact
+        self.strategies = strategies or load_strategies()
         self.model_version = artifact.manifest.model_version
         self.blend = blend or Blend()
         n = artifact.manifest.n_items
@@ -90,6 +99,15 @@ class Engine:
         self.tower_price = np.ascontiguousarray(artifact["item_tower_price"])
         self.price_edges = np.asarray(artifact["price_bucket_edges"])
         self.history_length = artifact.manifest.history_length
+        optional = artifact.arrays
+        self.user_orders = optional.get("user_orders")
+        self.user_monetary = optional.get("user_monetary")
+        self.user_last_purchase_s = optional.get("user_last_purchase_s")
+        self.copurchase = (
+            (optional["copurchase_indptr"], optional["copurchase_items"])
+            if "copurchase_indptr" in optional
+            else None
+        )
         self.retriever = Retriever(
             self.vectors,
             artifact.index,
@@ -99,7 +117,8 @@ class Engine:
         )
 
     # Query side.
-    def _country_row(self, country: str) -> int:
+    def country_row(self, country: str) -> int:
+        """Row of a country in the context/segment tables (the last row = unknown)."""
         row = self.catalog.country_row(country) if country else None
         return len(self.catalog.country_codes) if row is None else row
 
@@ -128,7 +147,7 @@ class Engine:
         just now weighs 1 + session_boost, decaying to 1 with its half-life.
         """
         user_row = self.user_row(ctx, profile)
-        q = self.context_device[ctx.device] + self.context_country[self._country_row(ctx.country)]
+        q = self.context_device[ctx.device] + self.context_country[self.country_row(ctx.country)]
         if user_row is not None:
             q = q + self.user_embeddings[user_row]
         trained = self._trained_history(user_row)
@@ -160,64 +179,90 @@ class Engine:
         return rows[rows >= 0]
 
     # Reads.
+    def plan(self, query: RecommendQuery, profile: Profile, now_s: float) -> placement.Plan:
+        """Strategy, seeds and shopper segment; says which live lists to fetch."""
+        return placement.plan(self, self.strategies, query, profile, now_s)
+
     def recommend(
         self,
         query: RecommendQuery,
+        plan: placement.Plan,
         profile: Profile,
-        live_popular: Sequence[str],
+        live: Mapping[str, Sequence[str]],
         now_s: float,
         blend: Blend | None = None,
     ) -> Answer:
-        """Personal picks; purchases excluded, cart excluded on cart/checkout pages,
-        cart items as seeds there; unknown shoppers get segment bestsellers."""
-        ctx = query.context
-        exclude = self._rows(profile.purchased)
-        cart = self._rows(profile.cart)
-        if ctx.placement in _CART_PLACEMENTS:
-            exclude = np.concatenate([exclude, cart])
-        flt, currency, rate = self._compile(ctx, query.filters, exclude)
-        q, personal = self.encode(ctx, profile, now_s, blend)
-        if ctx.placement in _CART_PLACEMENTS and cart.size:
-            q = q + self.vectors.take(cart).mean(axis=0)
-            personal = True
-        if personal:
-            results = self.retriever.search(q, flt, query.k)
-            return Answer(results, currency, rate, True)
-        return self._popular(ctx, flt, query.k, live_popular, currency, rate, trending=False)
-
-    def popular(self, query: PopularQuery, live: Sequence[str]) -> Answer:
-        flt, currency, rate = self._compile(query.context, query.filters)
-        return self._popular(
-            query.context, flt, query.k, live, currency, rate, trending=query.trending
+        """Run the placement's strategy under the request's filters."""
+        currency, rate = self.catalog.currency(query.context.currency)
+        flt, _ = placement.constrain(self, query, plan, profile, rate)
+        placed = placement.execute(self, query, plan, profile, live, flt, now_s, blend)
+        return Answer(
+            placed.results,
+            currency,
+            rate,
+            placed.personalized,
+            reasons=placed.reasons,
+            reason_items=placed.reason_items,
+            strategy=placed.strategy,
+            shopper_segment=placed.shopper_segment,
         )
 
-    def _popular(
+    def popular(self, query: PopularQuery, live: Sequence[str]) -> Answer:
+        """Bestsellers (or trending) of the shopper's segment within the filters."""
+        ctx = query.context
+        flt, currency, rate = self._compile(ctx, query.filters)
+        segment = (self.country_row(ctx.country), ctx.device)
+        results = self.popular_list(
+            segment,
+            flt,
+            query.k,
+            live,
+            Provenance.TRENDING if query.trending else Provenance.SEGMENT_POPULARITY,
+        )
+        name = segment_key(ctx.country, _DEVICE_NAMES[ctx.device] if ctx.device else "*")
+        return Answer(results, currency, rate, False, segment=name)
+
+    def popular_list(
         self,
-        ctx: Context,
+        segment: tuple[int, int],
         flt: Compiled,
         k: int,
         live: Sequence[str],
-        currency: str,
-        rate: float,
-        *,
-        trending: bool,
-    ) -> Answer:
-        """Live segment counts first, then the trained segment and catalog bestsellers."""
+        live_provenance: Provenance = Provenance.SEGMENT_POPULARITY,
+    ) -> Results:
+        """Live segment counts passing `flt` first, then the trained segment and catalog
+        bestsellers; scores 1/(1+rank)."""
         rows = self._rows(live)
         rows = rows[flt.passes(rows)][:k] if rows.size else rows
-        _, first = np.unique(rows, return_index=True)
-        rows = rows[np.sort(first)]
-        segment = (self._country_row(ctx.country), ctx.device)
         fill = self.retriever.popular(segment, flt, k + rows.shape[0])
         keep = ~np.isin(fill.ids, rows)
         ids = np.concatenate([rows, fill.ids[keep]])[:k]
-        live_prov = Provenance.TRENDING if trending else Provenance.SEGMENT_POPULARITY
         prov = np.concatenate(
-            [np.full(rows.shape[0], live_prov, dtype=np.int8), fill.provenance[keep]]
+            [np.full(rows.shape[0], live_provenance, np.int8), fill.provenance[keep]]
         )[:k]
         scores = (1.0 / (1.0 + np.arange(ids.shape[0]))).astype(np.float32)
-        name = segment_key(ctx.country, _DEVICE_NAMES[ctx.device] if ctx.device else "*")
-        return Answer(Results(ids, scores, prov, "popularity"), currency, rate, False, segment=name)
+        return Results(ids, scores, prov, "popularity")
+
+    def also_bought(
+        self,
+        seeds: npt.NDArray[np.int64],
+        live: Sequence[str],
+        flt: Compiled,
+        k: int,
+    ) -> npt.NDArray[np.int64]:
+        """Items co-purchased with the seeds: live counts first, then training's."""
+        rows = [self._rows(live)]
+        if self.copurchase is not None:
+            indptr, items = self.copurchase
+            for s in seeds.tolist():
+                if s < indptr.shape[0] - 1:
+                    rows.append(np.asarray(items[indptr[s] : indptr[s + 1]], dtype=np.int64))
+        merged = np.concatenate(rows) if rows else np.empty(0, np.int64)
+        if merged.size == 0:
+            return merged
+        _, first = np.unique(merged, return_index=True)
+        merged = merged[np.sort(first)]
+        return merged[flt.passes(merged)][:k]
 
     def recently_viewed(self, query: RecentQuery, profile: Profile) -> Answer:
         flt, currency, rate = self._compile(query.context, query.filters)
@@ -296,7 +341,7 @@ class Engine:
                     segment_key("", "*"),
                 ) + tuple(
                     segment_key(country, "*", self.catalog.category_names[c])
-                    for c in self.catalog.filters._ancestors(int(self.catalog.category[row]))
+                    for c in self.catalog.filters.ancestors(int(self.catalog.category[row]))
                     for country in ({ctx.country, ""} if ctx.country else {""})
                 )
             value = 0.0

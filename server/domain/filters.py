@@ -82,6 +82,7 @@ class FilterSpec:
     brands: tuple[int, ...] | None = None  # None = all; () = none exists
     in_stock_only: bool = True
     exclude_items: tuple[int, ...] = ()
+    require_category: int | None = None  # ANDed (a strategy's same-category constraint)
 
 
 @dataclass(frozen=True, slots=True)
@@ -192,7 +193,8 @@ class FilterIndex:
             self.price_le_bits[j] = pack(running)
             start = end
 
-    def _ancestors(self, category: int) -> list[int]:
+    def ancestors(self, category: int) -> list[int]:
+        """The category and its ancestors, leaf first."""
         chain = []
         c = category
         while c >= 0 and len(chain) <= self.parent.shape[0]:
@@ -209,7 +211,7 @@ class FilterIndex:
             members = order[bounds[c] : bounds[c + 1]].astype(np.int64)
             if members.size:
                 leaf = from_ids(members, w * 64)
-                for a in self._ancestors(c):
+                for a in self.ancestors(c):
                     bits[a] |= leaf
         return bits
 
@@ -232,8 +234,8 @@ class FilterIndex:
         if category is not None:
             old, new = category
             if old >= 0:
-                _set(self.category_bits[self._ancestors(old)], row, False)
-            _set(self.category_bits[self._ancestors(new)], row, True)
+                _set(self.category_bits[self.ancestors(old)], row, False)
+            _set(self.category_bits[self.ancestors(new)], row, True)
         if brand is not None:
             old, new = brand
             if old >= 0:
@@ -282,6 +284,8 @@ class FilterIndex:
                 if spec.include_categories
                 else U64(0)
             )
+        if spec.require_category is not None:
+            bits &= self.category_bits[spec.require_category]
         if spec.exclude_categories:
             bits &= ~np.bitwise_or.reduce(self.category_bits[list(spec.exclude_categories)], axis=0)
         if spec.brands is not None:

@@ -36,10 +36,36 @@ class Filters:
 
 
 @dataclass(frozen=True, slots=True)
+class Pin:
+    item_id: str
+    position: int  # 1-based
+
+
+@dataclass(frozen=True, slots=True)
+class Merchandising:
+    """Per-request business rules (the shop's own come from the strategies file)."""
+
+    boosts: tuple[tuple[str, str, float], ...] = ()  # (attribute, value, factor)
+    pins: tuple[Pin, ...] = ()
+    blocked_item_ids: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class DiversitySpec:
+    max_per_category: int = 0
+    max_per_brand: int = 0
+    level: float = 0.0  # MMR trade-off in [0, 1]
+
+
+@dataclass(frozen=True, slots=True)
 class RecommendQuery:
     context: Context = field(default_factory=Context)
     filters: Filters = field(default_factory=Filters)
     k: int = 10
+    seeds: tuple[str, ...] = ()
+    strategy: str = ""
+    rules: Merchandising = field(default_factory=Merchandising)
+    diversity: DiversitySpec = field(default_factory=DiversitySpec)
 
 
 @dataclass(frozen=True, slots=True)

@@ -33,6 +33,9 @@ class Provenance(enum.IntEnum):
     RERANKED_CANDIDATE = 5
     RECENTLY_VIEWED = 6
     TRENDING = 7
+    ALSO_BOUGHT = 8
+    CONTENT_SIMILAR = 9
+    PINNED = 10
 
 
 @dataclass(frozen=True, slots=True)

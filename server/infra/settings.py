@@ -41,6 +41,7 @@ class Settings:
     event_log: str = ""  # directory of the durable event log; "" disables it
     fsync: str = "always"  # always | interval | never
     experiments: str = ""  # TOML/JSON experiments file; "" = no experiments
+    strategies: str = ""  # TOML placement strategies overriding the defaults; "" = defaults
     max_message_bytes: int = 4 * 1024 * 1024
     log_level: str = "INFO"
 

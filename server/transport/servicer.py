@@ -24,7 +24,7 @@ from server.domain.catalog import ItemUpdate, Rejected
 from server.domain.engine import Answer, Blend, Engine
 from server.domain.errors import InvalidQuery, UnknownItems
 from server.domain.experiments import Assignment, Experiment
-from server.domain.query import Context, Profile, shopper_key
+from server.domain.query import Context, Profile, StateEvent, shopper_key
 from server.infra.metrics import Metrics
 from server.state.eventlog import EventLog
 from server.state.store import StateStore
@@ -35,6 +35,7 @@ log = logging.getLogger(__name__)
 
 Ctx = grpc.aio.ServicerContext[object, object]
 MAX_LISTED_REJECTIONS = 1000
+_ADD_TO_CART, _PURCHASE = pb.Event.ADD_TO_CART, pb.Event.PURCHASE
 
 
 @dataclass
@@ -176,8 +177,10 @@ class RecommenderServicer(pb_grpc.RecommenderServicer):
                 brand=cat.brand_names[brand],
                 in_stock=stock,
                 provenance=prov,
+                reason=reason,
+                reason_item_id=reason_item,
             )
-            for item_id, score, price, category, brand, stock, prov in zip(
+            for item_id, score, price, category, brand, stock, prov, reason, reason_item in zip(
                 cat.item_ids(ids),
                 res.scores.tolist(),
                 (cat.price[ids] * answer.rate).tolist(),
@@ -185,6 +188,8 @@ class RecommenderServicer(pb_grpc.RecommenderServicer):
                 cat.brand[ids].tolist(),
                 cat.in_stock[ids].tolist(),
                 res.provenance.tolist(),
+                answer.reasons or ("",) * ids.shape[0],
+                answer.reason_items or ("",) * ids.shape[0],
                 strict=True,
             )
         ]
@@ -201,18 +206,23 @@ class RecommenderServicer(pb_grpc.RecommenderServicer):
         query = validate.recommend(request)
         engine, blend, assignment = self._route(query.context)
         profile = await self._profile(query.context)
-        live: Sequence[str] = ()
-        if not engine.is_personal(query.context, profile):
-            segment = engine.live_popular_segment(query.context, ())
-            live = [item for item, _ in await self._store.top(segment, 4 * query.k, False)]
         now = time.time()
-        answer = self._run(engine, lambda: engine.recommend(query, profile, live, now, blend))
+        plan = engine.plan(query, profile, now)
+        pool = max(3 * query.k, 30)
+        live: dict[str, list[str]] = {}
+        for name, keys in plan.live_keys.items():
+            for key in keys:
+                top = await self._store.top(key, pool, name == "trending")
+                live.setdefault(name, []).extend(item for item, _ in top)
+        answer = self._run(engine, lambda: engine.recommend(query, plan, profile, live, now, blend))
         return pb.RecommendResponse(
             items=self._items(engine, answer),
             recommendation_id=experiments.recommendation_id(uuid.uuid4().hex, assignment),
             model_version=engine.model_version,
             currency=answer.currency,
             personalized=answer.personalized,
+            strategy=answer.strategy,
+            shopper_segment=_SEGMENTS[answer.shopper_segment],
             **_variant_fields(assignment),
         )
 
@@ -306,6 +316,7 @@ class RecommenderServicer(pb_grpc.RecommenderServicer):
         self._attribute([msgs[i - offset] for i, _ in good])
         for _, ev in good:
             self._metrics.event_lag.observe(max(0.0, now - ev.ts_s))
+        resolved = [(i, await self._with_copurchase(ev)) for i, ev in resolved]
         if resolved:
             if self._events is not None:
                 await self._events.append_events(
@@ -315,6 +326,16 @@ class RecommenderServicer(pb_grpc.RecommenderServicer):
         self._metrics.events.labels("accepted").inc(len(resolved))
         self._metrics.events.labels("rejected").inc(len(rejections))
         return len(resolved), rejections
+
+    async def _with_copurchase(self, ev: StateEvent) -> StateEvent:
+        """Carts and purchases also count as "bought with" each item already in the
+        shopper's cart or recent purchases, keeping also-bought lists fresh."""
+        if ev.kind not in (_ADD_TO_CART, _PURCHASE):
+            return ev
+        profile = await self._store.profile(ev.key)
+        others = dict.fromkeys((*profile.cart, *profile.purchased[:10]))
+        keys = tuple(f"co|{other}" for other in others if other != ev.item_id)
+        return dataclasses.replace(ev, segments=ev.segments + keys) if keys else ev
 
     @_guarded
     async def TrackEvents(
@@ -401,6 +422,14 @@ class RecommenderServicer(pb_grpc.RecommenderServicer):
         new, old = await self._reload(version)
         return pb.ReloadModelResponse(model_version=new, previous_model_version=old)
 
+
+_SEGMENTS = {
+    "": pb.SHOPPER_SEGMENT_UNSPECIFIED,
+    "new_visitor": pb.NEW_VISITOR,
+    "returning_visitor": pb.RETURNING_VISITOR,
+    "customer": pb.CUSTOMER,
+    "vip": pb.VIP,
+}
 
 _ATTRIBUTED = {
     pb.Event.RECOMMENDATION_IMPRESSION: "impression",

@@ -10,7 +10,10 @@ from endcap.v1 import recommender_pb2 as pb
 from server.domain.catalog import ItemUpdate
 from server.domain.query import (
     Context,
+    DiversitySpec,
     Filters,
+    Merchandising,
+    Pin,
     PopularQuery,
     RecentQuery,
     RecommendQuery,
@@ -144,11 +147,65 @@ def filters(msg: pb.Filters) -> Filters:
     )
 
 
+def _rules(msg: pb.Rules) -> Merchandising:
+    if len(msg.boosts) > MAX_LIST:
+        raise InvalidRequest(
+            "rules.boosts", f"must have at most {MAX_LIST} entries, got {len(msg.boosts)}"
+        )
+    boosts = []
+    for i, b in enumerate(msg.boosts):
+        if b.attribute not in ("brand", "category"):
+            raise InvalidRequest(
+                f"rules.boosts[{i}].attribute", f"must be brand or category, got {b.attribute!r}"
+            )
+        if not math.isfinite(b.factor) or not 0 <= b.factor <= 100:
+            raise InvalidRequest(
+                f"rules.boosts[{i}].factor", f"must be in [0, 100], got {b.factor}"
+            )
+        boosts.append((b.attribute, _text(f"rules.boosts[{i}].value", b.value), b.factor))
+    if len(msg.pins) > MAX_RESULTS:
+        raise InvalidRequest(
+            "rules.pins", f"must have at most {MAX_RESULTS} entries, got {len(msg.pins)}"
+        )
+    pins = []
+    for i, p in enumerate(msg.pins):
+        if not p.item_id:
+            raise InvalidRequest(f"rules.pins[{i}].item_id", "must not be empty")
+        _text(f"rules.pins[{i}].item_id", p.item_id, MAX_ID_CHARS)
+        if not 1 <= p.position <= MAX_RESULTS:
+            raise InvalidRequest(
+                f"rules.pins[{i}].position", f"must be in [1, {MAX_RESULTS}], got {p.position}"
+            )
+        pins.append(Pin(p.item_id, p.position))
+    return Merchandising(
+        boosts=tuple(boosts),
+        pins=tuple(pins),
+        blocked_item_ids=_ids(
+            "rules.blocked_item_ids", msg.blocked_item_ids, MAX_EXCLUDED_ITEMS, unique=False
+        ),
+    )
+
+
+def _diversity(msg: pb.Diversity) -> DiversitySpec:
+    for name in ("max_per_category", "max_per_brand"):
+        value = getattr(msg, name)
+        if not 0 <= value <= MAX_RESULTS:
+            raise InvalidRequest(f"diversity.{name}", f"must be in [0, {MAX_RESULTS}], got {value}")
+    if not math.isfinite(msg.level) or not 0 <= msg.level <= 1:
+        raise InvalidRequest("diversity.level", f"must be in [0, 1], got {msg.level}")
+    return DiversitySpec(msg.max_per_category, msg.max_per_brand, msg.level)
+
+
 def recommend(msg: pb.RecommendRequest) -> RecommendQuery:
+    strategy = _text("strategy", msg.strategy, 64)
     return RecommendQuery(
         context=context(msg.context),
         filters=filters(msg.filters),
         k=_num_results("num_results", msg.num_results, DEFAULT_RESULTS),
+        seeds=_ids("seed_item_ids", msg.seed_item_ids, MAX_SEEDS, unique=False),
+        strategy=strategy,
+        rules=_rules(msg.rules),
+        diversity=_diversity(msg.diversity),
     )
 
 

@@ -25,6 +25,38 @@ else:
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
+class _ShopperSegment:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _ShopperSegmentEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ShopperSegment.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    SHOPPER_SEGMENT_UNSPECIFIED: _ShopperSegment.ValueType  # 0
+    NEW_VISITOR: _ShopperSegment.ValueType  # 1
+    """No history at all."""
+    RETURNING_VISITOR: _ShopperSegment.ValueType  # 2
+    """Has browsed, never bought."""
+    CUSTOMER: _ShopperSegment.ValueType  # 3
+    """Has bought."""
+    VIP: _ShopperSegment.ValueType  # 4
+    """High-value customer: frequent or big spender, bought recently."""
+
+class ShopperSegment(_ShopperSegment, metaclass=_ShopperSegmentEnumTypeWrapper):
+    """Who the shopper is to the shop, from their history (recency, frequency and
+    monetary value of purchases).
+    """
+
+SHOPPER_SEGMENT_UNSPECIFIED: ShopperSegment.ValueType  # 0
+NEW_VISITOR: ShopperSegment.ValueType  # 1
+"""No history at all."""
+RETURNING_VISITOR: ShopperSegment.ValueType  # 2
+"""Has browsed, never bought."""
+CUSTOMER: ShopperSegment.ValueType  # 3
+"""Has bought."""
+VIP: ShopperSegment.ValueType  # 4
+"""High-value customer: frequent or big spender, bought recently."""
+Global___ShopperSegment: _TypeAlias = ShopperSegment  # noqa: Y015
+
 @_typing.final
 class RequestContext(_message.Message):
     """Who is asking, from where, on what, and for which spot on the site.
@@ -243,6 +275,12 @@ class RecommendedItem(_message.Message):
         """From the shopper's own recently viewed items."""
         TRENDING: RecommendedItem._Provenance.ValueType  # 7
         """Real-time trending items of the segment."""
+        ALSO_BOUGHT: RecommendedItem._Provenance.ValueType  # 8
+        """Items bought together with the seeds ("customers also bought")."""
+        CONTENT_SIMILAR: RecommendedItem._Provenance.ValueType  # 9
+        """Items whose content and embedding are close to the seeds."""
+        PINNED: RecommendedItem._Provenance.ValueType  # 10
+        """Placed by a merchandising pin."""
 
     class Provenance(_Provenance, metaclass=_ProvenanceEnumTypeWrapper):
         """Which stage of the pipeline produced the item."""
@@ -264,6 +302,12 @@ class RecommendedItem(_message.Message):
     """From the shopper's own recently viewed items."""
     TRENDING: RecommendedItem.Provenance.ValueType  # 7
     """Real-time trending items of the segment."""
+    ALSO_BOUGHT: RecommendedItem.Provenance.ValueType  # 8
+    """Items bought together with the seeds ("customers also bought")."""
+    CONTENT_SIMILAR: RecommendedItem.Provenance.ValueType  # 9
+    """Items whose content and embedding are close to the seeds."""
+    PINNED: RecommendedItem.Provenance.ValueType  # 10
+    """Placed by a merchandising pin."""
 
     ITEM_ID_FIELD_NUMBER: _builtins.int
     SCORE_FIELD_NUMBER: _builtins.int
@@ -273,6 +317,8 @@ class RecommendedItem(_message.Message):
     BRAND_FIELD_NUMBER: _builtins.int
     IN_STOCK_FIELD_NUMBER: _builtins.int
     PROVENANCE_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    REASON_ITEM_ID_FIELD_NUMBER: _builtins.int
     item_id: _builtins.str
     score: _builtins.float
     """Higher is better. Comparable within one response only."""
@@ -283,6 +329,12 @@ class RecommendedItem(_message.Message):
     brand: _builtins.str
     in_stock: _builtins.bool
     provenance: Global___RecommendedItem.Provenance.ValueType
+    reason: _builtins.str
+    """A short, UI-ready explanation, e.g. "Because you viewed Trail Runner 2",
+    "Popular in Germany", "Often bought with sku-123".
+    """
+    reason_item_id: _builtins.str
+    """The item the reason refers to, if any (a seed, a recently viewed item)."""
     def __init__(
         self,
         *,
@@ -294,14 +346,129 @@ class RecommendedItem(_message.Message):
         brand: _builtins.str = ...,
         in_stock: _builtins.bool = ...,
         provenance: Global___RecommendedItem.Provenance.ValueType = ...,
+        reason: _builtins.str = ...,
+        reason_item_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["brand", b"brand", "category", b"category", "currency", b"currency", "in_stock", b"in_stock", "item_id", b"item_id", "price", b"price", "provenance", b"provenance", "score", b"score"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["brand", b"brand", "category", b"category", "currency", b"currency", "in_stock", b"in_stock", "item_id", b"item_id", "price", b"price", "provenance", b"provenance", "reason", b"reason", "reason_item_id", b"reason_item_id", "score", b"score"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___RecommendedItem: _TypeAlias = RecommendedItem  # noqa: Y015
+
+@_typing.final
+class Rules(_message.Message):
+    """Merchandising rules for one request, applied on top of the shop's rules.
+    Rules never break the hard filters: a pinned or boosted item that fails a
+    filter is not returned.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    @_typing.final
+    class Boost(_message.Message):
+        """Multiply the score of items matching an attribute."""
+
+        DESCRIPTOR: _descriptor.Descriptor
+
+        ATTRIBUTE_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        FACTOR_FIELD_NUMBER: _builtins.int
+        attribute: _builtins.str
+        """"brand" or "category" (a category matches its sub-categories)."""
+        value: _builtins.str
+        factor: _builtins.float
+        """> 1 boosts, < 1 buries, 0 hides. In [0, 100]."""
+        def __init__(
+            self,
+            *,
+            attribute: _builtins.str = ...,
+            value: _builtins.str = ...,
+            factor: _builtins.float = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["attribute", b"attribute", "factor", b"factor", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    @_typing.final
+    class Pin(_message.Message):
+        """Put an item at a 1-based position."""
+
+        DESCRIPTOR: _descriptor.Descriptor
+
+        ITEM_ID_FIELD_NUMBER: _builtins.int
+        POSITION_FIELD_NUMBER: _builtins.int
+        item_id: _builtins.str
+        position: _builtins.int
+        def __init__(
+            self,
+            *,
+            item_id: _builtins.str = ...,
+            position: _builtins.int = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["item_id", b"item_id", "position", b"position"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    BOOSTS_FIELD_NUMBER: _builtins.int
+    PINS_FIELD_NUMBER: _builtins.int
+    BLOCKED_ITEM_IDS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def boosts(self) -> _containers.RepeatedCompositeFieldContainer[Global___Rules.Boost]: ...
+    @_builtins.property
+    def pins(self) -> _containers.RepeatedCompositeFieldContainer[Global___Rules.Pin]: ...
+    @_builtins.property
+    def blocked_item_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Never return these."""
+
+    def __init__(
+        self,
+        *,
+        boosts: _abc.Iterable[Global___Rules.Boost] | None = ...,
+        pins: _abc.Iterable[Global___Rules.Pin] | None = ...,
+        blocked_item_ids: _abc.Iterable[_builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["blocked_item_ids", b"blocked_item_ids", "boosts", b"boosts", "pins", b"pins"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Rules: _TypeAlias = Rules  # noqa: Y015
+
+@_typing.final
+class Diversity(_message.Message):
+    """Per-request diversity controls."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MAX_PER_CATEGORY_FIELD_NUMBER: _builtins.int
+    MAX_PER_BRAND_FIELD_NUMBER: _builtins.int
+    LEVEL_FIELD_NUMBER: _builtins.int
+    max_per_category: _builtins.int
+    """At most this many items per leaf category / brand; 0 = no limit."""
+    max_per_brand: _builtins.int
+    level: _builtins.float
+    """MMR trade-off in [0, 1]: 0 = pure relevance, 1 = maximal spread."""
+    def __init__(
+        self,
+        *,
+        max_per_category: _builtins.int = ...,
+        max_per_brand: _builtins.int = ...,
+        level: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["level", b"level", "max_per_brand", b"max_per_brand", "max_per_category", b"max_per_category"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Diversity: _TypeAlias = Diversity  # noqa: Y015
 
 @_typing.final
 class RecommendRequest(_message.Message):
@@ -310,22 +477,45 @@ class RecommendRequest(_message.Message):
     CONTEXT_FIELD_NUMBER: _builtins.int
     FILTERS_FIELD_NUMBER: _builtins.int
     NUM_RESULTS_FIELD_NUMBER: _builtins.int
+    SEED_ITEM_IDS_FIELD_NUMBER: _builtins.int
+    STRATEGY_FIELD_NUMBER: _builtins.int
+    RULES_FIELD_NUMBER: _builtins.int
+    DIVERSITY_FIELD_NUMBER: _builtins.int
     num_results: _builtins.int
     """How many items to return: 1..500; 0 (unset) means 10."""
+    strategy: _builtins.str
+    """A named strategy from the shop's strategy config, e.g. "product.upsell",
+    "product.cheaper"; empty means the placement's default strategy.
+    """
     @_builtins.property
     def context(self) -> Global___RequestContext: ...
     @_builtins.property
     def filters(self) -> Global___Filters: ...
+    @_builtins.property
+    def seed_item_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Items the page is about: the product on a product page, the cart on a cart
+        page, the purchased items in a post-purchase email (0..50). On cart and
+        checkout pages the shopper's tracked cart is used when this is empty.
+        """
+
+    @_builtins.property
+    def rules(self) -> Global___Rules: ...
+    @_builtins.property
+    def diversity(self) -> Global___Diversity: ...
     def __init__(
         self,
         *,
         context: Global___RequestContext | None = ...,
         filters: Global___Filters | None = ...,
         num_results: _builtins.int = ...,
+        seed_item_ids: _abc.Iterable[_builtins.str] | None = ...,
+        strategy: _builtins.str = ...,
+        rules: Global___Rules | None = ...,
+        diversity: Global___Diversity | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["context", b"context", "filters", b"filters"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["context", b"context", "diversity", b"diversity", "filters", b"filters", "rules", b"rules"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["context", b"context", "filters", b"filters", "num_results", b"num_results"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["context", b"context", "diversity", b"diversity", "filters", b"filters", "num_results", b"num_results", "rules", b"rules", "seed_item_ids", b"seed_item_ids", "strategy", b"strategy"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -342,6 +532,8 @@ class RecommendResponse(_message.Message):
     PERSONALIZED_FIELD_NUMBER: _builtins.int
     EXPERIMENT_FIELD_NUMBER: _builtins.int
     VARIANT_FIELD_NUMBER: _builtins.int
+    STRATEGY_FIELD_NUMBER: _builtins.int
+    SHOPPER_SEGMENT_FIELD_NUMBER: _builtins.int
     recommendation_id: _builtins.str
     """Unique id of this response; send it back with impression and click events."""
     model_version: _builtins.str
@@ -355,6 +547,10 @@ class RecommendResponse(_message.Message):
     experiment: _builtins.str
     """The experiment and variant this shopper is assigned to ("" when none)."""
     variant: _builtins.str
+    strategy: _builtins.str
+    """The strategy that produced the list, e.g. "home", "product.upsell"."""
+    shopper_segment: Global___ShopperSegment.ValueType
+    """The shopper's segment, as used for ranking."""
     @_builtins.property
     def items(self) -> _containers.RepeatedCompositeFieldContainer[Global___RecommendedItem]:
         """Best first. Fewer than num_results only if fewer items pass the filters."""
@@ -369,10 +565,12 @@ class RecommendResponse(_message.Message):
         personalized: _builtins.bool = ...,
         experiment: _builtins.str = ...,
         variant: _builtins.str = ...,
+        strategy: _builtins.str = ...,
+        shopper_segment: Global___ShopperSegment.ValueType = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["currency", b"currency", "experiment", b"experiment", "items", b"items", "model_version", b"model_version", "personalized", b"personalized", "recommendation_id", b"recommendation_id", "variant", b"variant"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["currency", b"currency", "experiment", b"experiment", "items", b"items", "model_version", b"model_version", "personalized", b"personalized", "recommendation_id", b"recommendation_id", "shopper_segment", b"shopper_segment", "strategy", b"strategy", "variant", b"variant"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
