@@ -11,17 +11,22 @@ import threading
 from pathlib import Path
 
 import grpc
+from test_cli import ROOT, free_port, wait_serving
+
+from conftest import TrainedStore
 from endcap.v1 import eventlog_pb2
 from endcap.v1 import recommender_pb2 as pb
 from endcap.v1 import recommender_pb2_grpc as pb_grpc
-
-from conftest import TrainedStore
 from server.state.eventlog import EventLog, read_events, segments
-from test_cli import ROOT, free_port, wait_serving
 
 
 def event(i: int, user: str = "u1") -> pb.Event:
-    return pb.Event(type=pb.Event.VIEW, item_id=f"i{i}", event_id=f"e{i}", context=pb.RequestContext(user_id=user))
+    return pb.Event(
+        type=pb.Event.VIEW,
+        item_id=f"i{i}",
+        event_id=f"e{i}",
+        context=pb.RequestContext(user_id=user),
+    )
 
 
 def write(log: EventLog, batches: list[list[pb.Event]], now_ms: int = 1000) -> None:
@@ -72,7 +77,11 @@ def test_corrupt_frame_stops_the_read(tmp_path: Path) -> None:
 
 def test_forget_tombstones_then_compaction_removes(tmp_path: Path) -> None:
     log = EventLog(tmp_path, segment_bytes=1_000)
-    write(log, [[event(i, "gone") for i in range(10)], [event(100 + i, "stays") for i in range(10)]], now_ms=1000)
+    write(
+        log,
+        [[event(i, "gone") for i in range(10)], [event(100 + i, "stays") for i in range(10)]],
+        now_ms=1000,
+    )
 
     async def forget() -> int:
         return await log.forget("gone", "", 2000)
@@ -145,7 +154,7 @@ def test_no_acknowledged_event_is_lost_on_sigkill(trained: TrainedStore, tmp_pat
     finally:
         if proc.poll() is None:
             proc.kill()
-    records, stats = read_events(log_dir)
+    records, _ = read_events(log_dir)
     logged = {r.event.event_id for r in records}
     missing = [e for e in acked if e not in logged]
     assert not missing, f"{len(missing)} of {len(acked)} acknowledged events lost"

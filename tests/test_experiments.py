@@ -11,13 +11,13 @@ from pathlib import Path
 
 import grpc
 import pytest
-from endcap.v1 import recommender_pb2 as pb
-from endcap.v1 import recommender_pb2_grpc as pb_grpc
+from test_cli import ROOT
 
 from conftest import ServerThread, TrainedStore, make_settings
+from endcap.v1 import recommender_pb2 as pb
+from endcap.v1 import recommender_pb2_grpc as pb_grpc
 from server.domain import experiments
 from server.domain.experiments import ExperimentConfigError, Rate, two_proportion_p
-from test_cli import ROOT
 
 CONFIG = """
 [[experiment]]
@@ -41,7 +41,9 @@ def test_assignment_is_deterministic_and_follows_weights() -> None:
     shares = Counter(a.variant.name for a in names if a)
     assert 0.70 < shares["boosted"] / 4000 < 0.80
     assert experiments.assign(exps, "", "") is None
-    half = experiments.parse({"experiment": [{"name": "e", "traffic": 50, "variant": [{"name": "a"}, {"name": "b"}]}]})
+    half = experiments.parse(
+        {"experiment": [{"name": "e", "traffic": 50, "variant": [{"name": "a"}, {"name": "b"}]}]}
+    )
     inside = sum(experiments.assign(half, f"u{i}", "") is not None for i in range(4000))
     assert 0.45 < inside / 4000 < 0.55
 
@@ -51,13 +53,32 @@ def test_assignment_is_deterministic_and_follows_weights() -> None:
     [
         ({"experiment": [{"name": "Bad Name", "variant": []}]}, "experiment[0]: name"),
         ({"experiment": [{"name": "e", "variant": [{"name": "a"}]}]}, "at least two"),
-        ({"experiment": [{"name": "e", "variant": [{"name": "a", "nope": 1}, {"name": "b"}]}]}, "unknown parameter 'nope'"),
-        ({"experiment": [{"name": "e", "variant": [{"name": "a", "session_boost": -1}, {"name": "b"}]}]}, "session_boost"),
-        ({"experiment": [{"name": "e", "traffic": 101, "variant": [{"name": "a"}, {"name": "b"}]}]}, "traffic"),
+        (
+            {"experiment": [{"name": "e", "variant": [{"name": "a", "nope": 1}, {"name": "b"}]}]},
+            "unknown parameter 'nope'",
+        ),
+        (
+            {
+                "experiment": [
+                    {"name": "e", "variant": [{"name": "a", "session_boost": -1}, {"name": "b"}]}
+                ]
+            },
+            "session_boost",
+        ),
+        (
+            {
+                "experiment": [
+                    {"name": "e", "traffic": 101, "variant": [{"name": "a"}, {"name": "b"}]}
+                ]
+            },
+            "traffic",
+        ),
     ],
 )
 def test_bad_config_names_the_entry(raw: dict[str, object], message: str) -> None:
-    with pytest.raises(ExperimentConfigError, match=message.replace("[", r"\[").replace("]", r"\]")):
+    with pytest.raises(
+        ExperimentConfigError, match=message.replace("[", r"\[").replace("]", r"\]")
+    ):
         experiments.parse(raw)
 
 
@@ -69,7 +90,9 @@ def test_intervals_and_tests() -> None:
 
 
 @pytest.fixture(scope="module")
-def exp_server(trained: TrainedStore, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerThread]:
+def exp_server(
+    trained: TrainedStore, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[ServerThread]:
     tmp = tmp_path_factory.mktemp("exp")
     (tmp / "experiments.toml").write_text(CONFIG)
     settings = make_settings(
@@ -83,7 +106,9 @@ def exp_server(trained: TrainedStore, tmp_path_factory: pytest.TempPathFactory) 
     thread.close()
 
 
-def test_variants_are_served_and_attributed(exp_server: ServerThread, trained: TrainedStore) -> None:
+def test_variants_are_served_and_attributed(
+    exp_server: ServerThread, trained: TrainedStore
+) -> None:
     item = str(trained.dataset.item_ids[0])
     seen: Counter[str] = Counter()
     with grpc.insecure_channel(exp_server.target) as channel:
@@ -96,10 +121,21 @@ def test_variants_are_served_and_attributed(exp_server: ServerThread, trained: T
             again = stub.Recommend(pb.RecommendRequest(context=ctx, num_results=3))
             assert again.variant == reply.variant
             seen[reply.variant] += 1
-            events = [pb.Event(type=pb.Event.RECOMMENDATION_IMPRESSION, recommendation_id=reply.recommendation_id, context=ctx)]
+            events = [
+                pb.Event(
+                    type=pb.Event.RECOMMENDATION_IMPRESSION,
+                    recommendation_id=reply.recommendation_id,
+                    context=ctx,
+                )
+            ]
             if reply.variant == "boosted" or i % 4 == 0:
                 events.append(
-                    pb.Event(type=pb.Event.RECOMMENDATION_CLICK, item_id=item, recommendation_id=reply.recommendation_id, context=ctx)
+                    pb.Event(
+                        type=pb.Event.RECOMMENDATION_CLICK,
+                        item_id=item,
+                        recommendation_id=reply.recommendation_id,
+                        context=ctx,
+                    )
                 )
             assert stub.TrackEvents(pb.TrackEventsRequest(events=events)).accepted == len(events)
     assert set(seen) == {"control", "boosted"}
@@ -113,7 +149,12 @@ def test_variants_are_served_and_attributed(exp_server: ServerThread, trained: T
         cwd=ROOT, capture_output=True, text=True, timeout=60,
     )  # fmt: skip
     assert report.returncode == 0, report.stderr
-    rows = {r["variant"]: r for r in __import__("json").loads((Path(exp_server.settings.event_log) / "report.json").read_text())}
+    rows = {
+        r["variant"]: r
+        for r in __import__("json").loads(
+            (Path(exp_server.settings.event_log) / "report.json").read_text()
+        )
+    }
     assert rows["boosted"]["ctr"] == 1.0 and rows["boosted"]["impressions"] == seen["boosted"]
     assert rows["control"]["impressions"] == seen["control"]
     assert "boosted" in report.stdout

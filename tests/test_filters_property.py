@@ -115,7 +115,7 @@ def check(
     assert len(ids) == len(set(ids)), "duplicate items"
     rows = np.array([index[i] for i in ids], dtype=np.int64)
     assert allowed[rows].all(), (
-        f"items failing a filter: {[i for i, r in zip(ids, rows) if not allowed[r]]}"
+        f"items failing a filter: {[i for i, r in zip(ids, rows, strict=True) if not allowed[r]]}"
     )
     assert len(ids) == min(case.num_results, int(allowed.sum())), "short or long result"
     rate = ds.currency_rates[case.context.currency or ds.base_currency]

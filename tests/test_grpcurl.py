@@ -21,7 +21,9 @@ pytestmark = pytest.mark.skipif(GRPCURL is None, reason="grpcurl not installed (
 
 def grpcurl(*args: str) -> str:
     assert GRPCURL is not None
-    done = subprocess.run([GRPCURL, "-plaintext", *args], capture_output=True, text=True, timeout=60)
+    done = subprocess.run(
+        [GRPCURL, "-plaintext", *args], capture_output=True, text=True, timeout=60
+    )
     assert done.returncode == 0, done.stderr
     return done.stdout
 
@@ -37,10 +39,17 @@ def test_list_describe_and_call(server: ServerThread, trained: TrainedStore) -> 
         "filters": {"max_price": 50},
         "num_results": 5,
     }
-    reply = json.loads(grpcurl("-d", json.dumps(body), server.target, "endcap.v1.Recommender/Recommend"))
+    reply = json.loads(
+        grpcurl("-d", json.dumps(body), server.target, "endcap.v1.Recommender/Recommend")
+    )
     assert len(reply["items"]) == 5
     assert all(item["price"] <= 50 and item["currency"] == "EUR" for item in reply["items"])
     health = json.loads(
-        grpcurl("-d", '{"service": "endcap.v1.Recommender"}', server.target, "grpc.health.v1.Health/Check")
+        grpcurl(
+            "-d",
+            '{"service": "endcap.v1.Recommender"}',
+            server.target,
+            "grpc.health.v1.Health/Check",
+        )
     )
     assert health["status"] == "SERVING"

@@ -9,13 +9,13 @@ from collections.abc import Iterator
 import grpc
 import numpy as np
 import pytest
-from endcap.v1 import recommender_pb2 as pb
-from endcap.v1 import recommender_pb2_grpc as pb_grpc
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from test_filters_property import Case, cases, truth
 
 from conftest import ServerThread, TrainedStore, make_settings
-from test_filters_property import Case, cases, truth
+from endcap.v1 import recommender_pb2 as pb
+from endcap.v1 import recommender_pb2_grpc as pb_grpc
 
 C = pb.RequestContext
 E = pb.Event
@@ -47,16 +47,23 @@ def seed_with_room(trained: TrainedStore) -> tuple[str, float, str]:
         same = ok & (ds.item_category == ds.item_category[row])
         prices = ds.item_price[same]
         p = ds.item_price[row]
-        if ((prices < 0.9 * p).sum() >= 5) and (((prices > 1.15 * p) & (prices < 1.9 * p)).sum() >= 5):
+        if ((prices < 0.9 * p).sum() >= 5) and (
+            ((prices > 1.15 * p) & (prices < 1.9 * p)).sum() >= 5
+        ):
             return str(ds.item_ids[row]), float(p), ds.category_names[int(ds.item_category[row])]
     raise AssertionError("no suitable seed in the test store")
 
 
-def test_product_upsell_stays_in_category_and_price_band(stub: pb_grpc.RecommenderStub, trained: TrainedStore) -> None:
+def test_product_upsell_stays_in_category_and_price_band(
+    stub: pb_grpc.RecommenderStub, trained: TrainedStore
+) -> None:
     seed, price, category = seed_with_room(trained)
     reply = stub.Recommend(
         pb.RecommendRequest(
-            context=C(country="DE", placement=C.PRODUCT), seed_item_ids=[seed], strategy="product.upsell", num_results=5
+            context=C(country="DE", placement=C.PRODUCT),
+            seed_item_ids=[seed],
+            strategy="product.upsell",
+            num_results=5,
         )
     )
     assert reply.strategy == "product.upsell" and len(reply.items) == 5
@@ -70,22 +77,38 @@ def test_product_upsell_stays_in_category_and_price_band(stub: pb_grpc.Recommend
 def test_product_cheaper_alternative(stub: pb_grpc.RecommenderStub, trained: TrainedStore) -> None:
     seed, price, category = seed_with_room(trained)
     reply = stub.Recommend(
-        pb.RecommendRequest(context=C(country="DE"), seed_item_ids=[seed], strategy="product.cheaper", num_results=5)
+        pb.RecommendRequest(
+            context=C(country="DE"), seed_item_ids=[seed], strategy="product.cheaper", num_results=5
+        )
     )
     assert len(reply.items) == 5
     assert all(i.category == category and i.price < price for i in reply.items)
-    assert reply.items[0].reason.startswith("A cheaper alternative to") and reply.items[0].reason_item_id == seed
+    assert (
+        reply.items[0].reason.startswith("A cheaper alternative to")
+        and reply.items[0].reason_item_id == seed
+    )
 
 
-def test_product_page_similar_never_returns_the_seed(stub: pb_grpc.RecommenderStub, trained: TrainedStore) -> None:
+def test_product_page_similar_never_returns_the_seed(
+    stub: pb_grpc.RecommenderStub, trained: TrainedStore
+) -> None:
     seed, _, _ = seed_with_room(trained)
-    reply = stub.Recommend(pb.RecommendRequest(context=C(country="DE", placement=C.PRODUCT), seed_item_ids=[seed], num_results=20))
+    reply = stub.Recommend(
+        pb.RecommendRequest(
+            context=C(country="DE", placement=C.PRODUCT), seed_item_ids=[seed], num_results=20
+        )
+    )
     assert reply.strategy == "product"
     assert seed not in {i.item_id for i in reply.items}
-    assert {i.provenance for i in reply.items} & {pb.RecommendedItem.CONTENT_SIMILAR, pb.RecommendedItem.ALSO_BOUGHT}
+    assert {i.provenance for i in reply.items} & {
+        pb.RecommendedItem.CONTENT_SIMILAR,
+        pb.RecommendedItem.ALSO_BOUGHT,
+    }
 
 
-def test_cart_cross_sells_complements_and_learns_also_bought(stub: pb_grpc.RecommenderStub, trained: TrainedStore) -> None:
+def test_cart_cross_sells_complements_and_learns_also_bought(
+    stub: pb_grpc.RecommenderStub, trained: TrainedStore
+) -> None:
     ds = trained.dataset
     ok = np.flatnonzero(de_items(trained))
     phone, case = str(ds.item_ids[ok[0]]), None
@@ -97,10 +120,18 @@ def test_cart_cross_sells_complements_and_learns_also_bought(stub: pb_grpc.Recom
     # Shoppers keep buying `case` after carting `phone`: also-bought learns it live.
     for i in range(12):
         ctx = C(session_id=f"co-{i}", country="DE")
-        stub.TrackEvents(pb.TrackEventsRequest(events=[pb.Event(type=E.ADD_TO_CART, item_id=phone, context=ctx)]))
-        stub.TrackEvents(pb.TrackEventsRequest(events=[pb.Event(type=E.PURCHASE, item_id=case, price=5, context=ctx)]))
+        stub.TrackEvents(
+            pb.TrackEventsRequest(events=[pb.Event(type=E.ADD_TO_CART, item_id=phone, context=ctx)])
+        )
+        stub.TrackEvents(
+            pb.TrackEventsRequest(
+                events=[pb.Event(type=E.PURCHASE, item_id=case, price=5, context=ctx)]
+            )
+        )
     ctx = C(session_id="cart-shopper", country="DE", placement=C.CART)
-    stub.TrackEvents(pb.TrackEventsRequest(events=[pb.Event(type=E.ADD_TO_CART, item_id=phone, context=ctx)]))
+    stub.TrackEvents(
+        pb.TrackEventsRequest(events=[pb.Event(type=E.ADD_TO_CART, item_id=phone, context=ctx)])
+    )
     reply = stub.Recommend(pb.RecommendRequest(context=ctx, num_results=10))
     ids = [i.item_id for i in reply.items]
     assert phone not in ids
@@ -110,13 +141,20 @@ def test_cart_cross_sells_complements_and_learns_also_bought(stub: pb_grpc.Recom
     assert all(i.category != phone_category for i in reply.items)  # complementary
 
 
-def test_checkout_offers_low_price_add_ons(stub: pb_grpc.RecommenderStub, trained: TrainedStore) -> None:
+def test_checkout_offers_low_price_add_ons(
+    stub: pb_grpc.RecommenderStub, trained: TrainedStore
+) -> None:
     ds = trained.dataset
     ok = np.flatnonzero(de_items(trained))
     pricey = ok[np.argsort(ds.item_price[ok])[-3:]]
     ctx = C(session_id="checkout-shopper", country="DE", placement=C.CHECKOUT)
     stub.TrackEvents(
-        pb.TrackEventsRequest(events=[pb.Event(type=E.ADD_TO_CART, item_id=str(ds.item_ids[r]), context=ctx) for r in pricey])
+        pb.TrackEventsRequest(
+            events=[
+                pb.Event(type=E.ADD_TO_CART, item_id=str(ds.item_ids[r]), context=ctx)
+                for r in pricey
+            ]
+        )
     )
     reply = stub.Recommend(pb.RecommendRequest(context=ctx, num_results=10))
     cap = 0.3 * float(ds.item_price[pricey].mean())
@@ -125,11 +163,17 @@ def test_checkout_offers_low_price_add_ons(stub: pb_grpc.RecommenderStub, traine
     assert not {i.item_id for i in reply.items} & {str(ds.item_ids[r]) for r in pricey}
 
 
-def test_email_never_recommends_what_was_just_bought(stub: pb_grpc.RecommenderStub, trained: TrainedStore) -> None:
+def test_email_never_recommends_what_was_just_bought(
+    stub: pb_grpc.RecommenderStub, trained: TrainedStore
+) -> None:
     ds = trained.dataset
     bought = str(ds.item_ids[np.flatnonzero(de_items(trained))[3]])
     ctx = C(user_id="email-user", country="DE", placement=C.EMAIL)
-    stub.TrackEvents(pb.TrackEventsRequest(events=[pb.Event(type=E.PURCHASE, item_id=bought, price=20, context=ctx)]))
+    stub.TrackEvents(
+        pb.TrackEventsRequest(
+            events=[pb.Event(type=E.PURCHASE, item_id=bought, price=20, context=ctx)]
+        )
+    )
     reply = stub.Recommend(pb.RecommendRequest(context=ctx, num_results=20))
     assert reply.strategy == "email" and len(reply.items) == 20
     assert bought not in {i.item_id for i in reply.items}
@@ -176,7 +220,10 @@ def test_pins_blocks_and_boosts(stub: pb_grpc.RecommenderStub, trained: TrainedS
             context=ctx,
             num_results=10,
             rules=pb.Rules(
-                pins=[pb.Rules.Pin(item_id=pinned, position=3), pb.Rules.Pin(item_id=out_of_country, position=1)],
+                pins=[
+                    pb.Rules.Pin(item_id=pinned, position=3),
+                    pb.Rules.Pin(item_id=out_of_country, position=1),
+                ],
                 blocked_item_ids=[blocked],
                 boosts=[pb.Rules.Boost(attribute="brand", value=brand, factor=50.0)],
             ),
@@ -189,18 +236,27 @@ def test_pins_blocks_and_boosts(stub: pb_grpc.RecommenderStub, trained: TrainedS
     assert blocked not in ids
     assert reply.items[0].brand == brand or reply.items[1].brand == brand
     hidden = stub.Recommend(
-        pb.RecommendRequest(context=ctx, num_results=10, rules=pb.Rules(boosts=[pb.Rules.Boost(attribute="brand", value=brand, factor=0.0)]))
+        pb.RecommendRequest(
+            context=ctx,
+            num_results=10,
+            rules=pb.Rules(boosts=[pb.Rules.Boost(attribute="brand", value=brand, factor=0.0)]),
+        )
     )
     assert brand not in {i.brand for i in hidden.items}
 
 
-def test_vip_and_new_visitor_are_treated_differently(stub: pb_grpc.RecommenderStub, trained: TrainedStore) -> None:
+def test_vip_and_new_visitor_are_treated_differently(
+    stub: pb_grpc.RecommenderStub, trained: TrainedStore
+) -> None:
     ds = trained.dataset
     ok = np.flatnonzero(de_items(trained))
     vip = C(session_id="vip-shopper", country="DE", device=C.DESKTOP, placement=C.HOME)
     stub.TrackEvents(
         pb.TrackEventsRequest(
-            events=[pb.Event(type=E.PURCHASE, item_id=str(ds.item_ids[ok[i]]), price=200, context=vip) for i in range(4)]
+            events=[
+                pb.Event(type=E.PURCHASE, item_id=str(ds.item_ids[ok[i]]), price=200, context=vip)
+                for i in range(4)
+            ]
         )
     )
     new = C(session_id="brand-new", country="DE", device=C.DESKTOP, placement=C.HOME)
@@ -208,21 +264,42 @@ def test_vip_and_new_visitor_are_treated_differently(stub: pb_grpc.RecommenderSt
     r_new = stub.Recommend(pb.RecommendRequest(context=new, num_results=10))
     assert r_vip.shopper_segment == pb.VIP and r_new.shopper_segment == pb.NEW_VISITOR
     assert [i.item_id for i in r_vip.items] != [i.item_id for i in r_new.items]
-    popular = {pb.RecommendedItem.SEGMENT_POPULARITY, pb.RecommendedItem.GLOBAL_POPULARITY, pb.RecommendedItem.TRENDING}
+    popular = {
+        pb.RecommendedItem.SEGMENT_POPULARITY,
+        pb.RecommendedItem.GLOBAL_POPULARITY,
+        pb.RecommendedItem.TRENDING,
+    }
     assert all(i.provenance in popular for i in r_new.items)
-    assert all(i.reason == "Popular in Germany" for i in r_new.items if i.provenance != pb.RecommendedItem.TRENDING)
+    assert all(
+        i.reason == "Popular in Germany"
+        for i in r_new.items
+        if i.provenance != pb.RecommendedItem.TRENDING
+    )
     assert sum(i.provenance not in popular for i in r_vip.items) >= 5
     returning = C(session_id="browser", country="DE", placement=C.HOME)
-    stub.TrackEvents(pb.TrackEventsRequest(events=[pb.Event(type=E.VIEW, item_id=str(ds.item_ids[ok[9]]), context=returning)]))
-    assert stub.Recommend(pb.RecommendRequest(context=returning)).shopper_segment == pb.RETURNING_VISITOR
+    stub.TrackEvents(
+        pb.TrackEventsRequest(
+            events=[pb.Event(type=E.VIEW, item_id=str(ds.item_ids[ok[9]]), context=returning)]
+        )
+    )
+    assert (
+        stub.Recommend(pb.RecommendRequest(context=returning)).shopper_segment
+        == pb.RETURNING_VISITOR
+    )
 
 
-def test_mobile_home_shows_more_bestsellers(stub: pb_grpc.RecommenderStub, trained: TrainedStore) -> None:
+def test_mobile_home_shows_more_bestsellers(
+    stub: pb_grpc.RecommenderStub, trained: TrainedStore
+) -> None:
     user = str(trained.dataset.user_ids[4])
     popular = {pb.RecommendedItem.SEGMENT_POPULARITY, pb.RecommendedItem.GLOBAL_POPULARITY}
 
     def share(device: int) -> int:
-        reply = stub.Recommend(pb.RecommendRequest(context=C(user_id=user, device=device, placement=C.HOME), num_results=20))
+        reply = stub.Recommend(
+            pb.RecommendRequest(
+                context=C(user_id=user, device=device, placement=C.HOME), num_results=20
+            )
+        )
         return sum(i.provenance in popular for i in reply.items)
 
     assert share(C.MOBILE) > share(C.DESKTOP)
@@ -231,12 +308,16 @@ def test_mobile_home_shows_more_bestsellers(stub: pb_grpc.RecommenderStub, train
 def test_bad_strategy_and_seed(stub: pb_grpc.RecommenderStub) -> None:
     with pytest.raises(grpc.RpcError) as err:
         stub.Recommend(pb.RecommendRequest(strategy="no.such"))
-    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and err.value.details().startswith("strategy")
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and err.value.details().startswith(
+        "strategy"
+    )
     with pytest.raises(grpc.RpcError) as err:
         stub.Recommend(pb.RecommendRequest(seed_item_ids=["ghost"], strategy="product"))
     assert err.value.code() == grpc.StatusCode.NOT_FOUND
     with pytest.raises(grpc.RpcError) as err:
-        stub.Recommend(pb.RecommendRequest(rules=pb.Rules(pins=[pb.Rules.Pin(item_id="x", position=0)])))
+        stub.Recommend(
+            pb.RecommendRequest(rules=pb.Rules(pins=[pb.Rules.Pin(item_id="x", position=0)]))
+        )
     assert err.value.details().startswith("rules.pins[0].position")
     with pytest.raises(grpc.RpcError) as err:
         stub.Recommend(pb.RecommendRequest(diversity=pb.Diversity(level=2)))
@@ -246,11 +327,19 @@ def test_bad_strategy_and_seed(stub: pb_grpc.RecommenderStub) -> None:
 PLACEMENTS = [v for v in C.Placement.values()]
 
 
-def test_every_placement_respects_every_filter(stub: pb_grpc.RecommenderStub, trained: TrainedStore) -> None:
+def test_every_placement_respects_every_filter(
+    stub: pb_grpc.RecommenderStub, trained: TrainedStore
+) -> None:
     ds = trained.dataset
 
-    @settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-    @given(cases(ds), st.sampled_from(PLACEMENTS), st.lists(st.integers(0, ds.n_items - 1), max_size=3, unique=True))
+    @settings(
+        max_examples=120, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+    )
+    @given(
+        cases(ds),
+        st.sampled_from(PLACEMENTS),
+        st.lists(st.integers(0, ds.n_items - 1), max_size=3, unique=True),
+    )
     def run(case: Case, placement: int, seeds: list[int]) -> None:
         ctx = pb.RequestContext()
         ctx.CopyFrom(case.context)

@@ -9,10 +9,10 @@ from pathlib import Path
 import grpc
 import numpy as np
 import pytest
-from endcap.v1 import recommender_pb2 as pb
-from endcap.v1 import recommender_pb2_grpc as pb_grpc
 
 from conftest import ServerThread, TrainedStore, make_settings
+from endcap.v1 import recommender_pb2 as pb
+from endcap.v1 import recommender_pb2_grpc as pb_grpc
 from server.artifact import load_artifact
 from server.state.eventlog import read_events
 
@@ -45,7 +45,9 @@ def ev(kind: int, item: str = "", *, session: str = "", user: str = "", **kw: ob
     return pb.Event(type=kind, item_id=item, context=ctx, **kw)  # type: ignore[arg-type]
 
 
-def test_bad_events_are_rejected_good_ones_kept(rt: pb_grpc.RecommenderStub, trained: TrainedStore) -> None:
+def test_bad_events_are_rejected_good_ones_kept(
+    rt: pb_grpc.RecommenderStub, trained: TrainedStore
+) -> None:
     item = str(trained.dataset.item_ids[0])
     reply = rt.TrackEvents(
         pb.TrackEventsRequest(
@@ -79,8 +81,12 @@ def test_empty_batch_is_invalid(rt: pb_grpc.RecommenderStub) -> None:
 
 def test_recently_viewed_newest_first(rt: pb_grpc.RecommenderStub, trained: TrainedStore) -> None:
     ds = trained.dataset
-    viewed = items_of(ds.item_ids, ds.item_in_stock & ds.item_countries[:, ds.country_codes.index("DE")], 4)
-    rt.TrackEvents(pb.TrackEventsRequest(events=[ev(E.VIEW, i, session="s-recent") for i in viewed]))
+    viewed = items_of(
+        ds.item_ids, ds.item_in_stock & ds.item_countries[:, ds.country_codes.index("DE")], 4
+    )
+    rt.TrackEvents(
+        pb.TrackEventsRequest(events=[ev(E.VIEW, i, session="s-recent") for i in viewed])
+    )
     reply = rt.RecentlyViewed(
         pb.RecentlyViewedRequest(context=pb.RequestContext(session_id="s-recent", country="DE"))
     )
@@ -91,7 +97,9 @@ def test_recently_viewed_newest_first(rt: pb_grpc.RecommenderStub, trained: Trai
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
 
 
-def test_next_recommend_reflects_the_last_event(rt: pb_grpc.RecommenderStub, trained: TrainedStore) -> None:
+def test_next_recommend_reflects_the_last_event(
+    rt: pb_grpc.RecommenderStub, trained: TrainedStore
+) -> None:
     ds = trained.dataset
     ctx = pb.RequestContext(session_id="s-fresh", country="DE", device=Device.MOBILE)
     before = rt.Recommend(pb.RecommendRequest(context=ctx, num_results=20))
@@ -117,21 +125,35 @@ def test_next_recommend_reflects_the_last_event(rt: pb_grpc.RecommenderStub, tra
     assert closeness(after) > closeness(before) + 0.05
 
 
-def test_purchased_items_are_not_recommended(rt: pb_grpc.RecommenderStub, trained: TrainedStore) -> None:
+def test_purchased_items_are_not_recommended(
+    rt: pb_grpc.RecommenderStub, trained: TrainedStore
+) -> None:
     ctx = pb.RequestContext(session_id="s-buyer", country="DE", device=Device.MOBILE)
-    rt.TrackEvents(pb.TrackEventsRequest(events=[ev(E.VIEW, str(trained.dataset.item_ids[5]), session="s-buyer")]))
+    rt.TrackEvents(
+        pb.TrackEventsRequest(
+            events=[ev(E.VIEW, str(trained.dataset.item_ids[5]), session="s-buyer")]
+        )
+    )
     first = rt.Recommend(pb.RecommendRequest(context=ctx, num_results=5))
     bought = first.items[0].item_id
-    rt.TrackEvents(pb.TrackEventsRequest(events=[ev(E.PURCHASE, bought, session="s-buyer", price=10, quantity=1)]))
+    rt.TrackEvents(
+        pb.TrackEventsRequest(
+            events=[ev(E.PURCHASE, bought, session="s-buyer", price=10, quantity=1)]
+        )
+    )
     again = rt.Recommend(pb.RecommendRequest(context=ctx, num_results=50))
     assert bought not in {i.item_id for i in again.items}
 
 
-def test_cart_page_never_shows_cart_items(rt: pb_grpc.RecommenderStub, trained: TrainedStore) -> None:
+def test_cart_page_never_shows_cart_items(
+    rt: pb_grpc.RecommenderStub, trained: TrainedStore
+) -> None:
     ds = trained.dataset
     de = ds.item_countries[:, ds.country_codes.index("DE")] & ds.item_in_stock
     cart = items_of(ds.item_ids, de, 3)
-    rt.TrackEvents(pb.TrackEventsRequest(events=[ev(E.ADD_TO_CART, i, session="s-cart") for i in cart]))
+    rt.TrackEvents(
+        pb.TrackEventsRequest(events=[ev(E.ADD_TO_CART, i, session="s-cart") for i in cart])
+    )
     ctx = pb.RequestContext(
         session_id="s-cart", country="DE", device=Device.MOBILE, placement=pb.RequestContext.CART
     )
@@ -151,7 +173,9 @@ def test_popular_follows_live_events(rt: pb_grpc.RecommenderStub, trained: Train
             type=E.PURCHASE,
             item_id=hot,
             price=1,
-            context=pb.RequestContext(session_id=f"s-pop-{i}", country=country, device=Device.TABLET),
+            context=pb.RequestContext(
+                session_id=f"s-pop-{i}", country=country, device=Device.TABLET
+            ),
         )
         for i in range(30)
     ]
@@ -161,16 +185,24 @@ def test_popular_follows_live_events(rt: pb_grpc.RecommenderStub, trained: Train
     assert best.items[0].item_id == hot
     assert best.items[0].provenance == Prov.SEGMENT_POPULARITY
     assert best.segment.startswith(country)
-    trending = rt.Popular(pb.PopularRequest(context=ctx, num_results=10, kind=pb.PopularRequest.TRENDING))
+    trending = rt.Popular(
+        pb.PopularRequest(context=ctx, num_results=10, kind=pb.PopularRequest.TRENDING)
+    )
     assert trending.items[0].item_id == hot and trending.items[0].provenance == Prov.TRENDING
-    cold = rt.Recommend(pb.RecommendRequest(context=pb.RequestContext(session_id="s-new-jp", country=country, device=Device.TABLET)))
+    cold = rt.Recommend(
+        pb.RecommendRequest(
+            context=pb.RequestContext(session_id="s-new-jp", country=country, device=Device.TABLET)
+        )
+    )
     assert cold.items[0].item_id == hot
 
 
 def test_stream_events(rt: pb_grpc.RecommenderStub, trained: TrainedStore) -> None:
     item = str(trained.dataset.item_ids[1])
     batches = [
-        pb.StreamEventsRequest(events=[ev(E.VIEW, item, session=f"s-stream-{b}-{i}") for i in range(50)])
+        pb.StreamEventsRequest(
+            events=[ev(E.VIEW, item, session=f"s-stream-{b}-{i}") for i in range(50)]
+        )
         for b in range(4)
     ]
     batches.append(pb.StreamEventsRequest(events=[ev(E.VIEW, "ghost", session="s-stream")]))
@@ -185,9 +217,18 @@ def test_upserted_item_is_searchable_and_attribute_changes_apply(
     ds = trained.dataset
     category = ds.category_names[int(ds.item_category[0])]
     new = pb.CatalogItem(
-        item_id="new-1", category=category, brand="FreshBrand", price=12.5, currency="EUR", countries=["DE", "FR"]
+        item_id="new-1",
+        category=category,
+        brand="FreshBrand",
+        price=12.5,
+        currency="EUR",
+        countries=["DE", "FR"],
     )
-    reply = rt.UpsertItems(pb.UpsertItemsRequest(items=[new, pb.CatalogItem(item_id="bad", category="no/such", price=1)]))
+    reply = rt.UpsertItems(
+        pb.UpsertItemsRequest(
+            items=[new, pb.CatalogItem(item_id="bad", category="no/such", price=1)]
+        )
+    )
     assert (reply.created, reply.updated) == (1, 0)
     assert reply.rejected[0].index == 1 and reply.rejected[0].field == "items[1].category"
     ctx = pb.RequestContext(country="DE", currency="EUR")
@@ -198,13 +239,23 @@ def test_upserted_item_is_searchable_and_attribute_changes_apply(
     similar = rt.SimilarItems(pb.SimilarItemsRequest(seed_item_ids=["new-1"], num_results=5))
     assert len(similar.items) == 5
     # Price, stock and availability changes apply to the very next request.
-    rt.UpsertItems(pb.UpsertItemsRequest(items=[pb.CatalogItem(item_id="new-1", price=99.0, currency="EUR")]))
-    assert not rt.Recommend(pb.RecommendRequest(context=ctx, filters=pb.Filters(brands=["FreshBrand"], max_price=50))).items
+    rt.UpsertItems(
+        pb.UpsertItemsRequest(items=[pb.CatalogItem(item_id="new-1", price=99.0, currency="EUR")])
+    )
+    assert not rt.Recommend(
+        pb.RecommendRequest(context=ctx, filters=pb.Filters(brands=["FreshBrand"], max_price=50))
+    ).items
     rt.UpsertItems(pb.UpsertItemsRequest(items=[pb.CatalogItem(item_id="new-1", in_stock=False)]))
     assert not rt.Recommend(pb.RecommendRequest(context=ctx, filters=only_new)).items
-    rt.UpsertItems(pb.UpsertItemsRequest(items=[pb.CatalogItem(item_id="new-1", in_stock=True, countries=["FR"])]))
+    rt.UpsertItems(
+        pb.UpsertItemsRequest(
+            items=[pb.CatalogItem(item_id="new-1", in_stock=True, countries=["FR"])]
+        )
+    )
     assert not rt.Recommend(pb.RecommendRequest(context=ctx, filters=only_new)).items
-    fr = rt.Recommend(pb.RecommendRequest(context=pb.RequestContext(country="FR"), filters=only_new))
+    fr = rt.Recommend(
+        pb.RecommendRequest(context=pb.RequestContext(country="FR"), filters=only_new)
+    )
     assert [i.item_id for i in fr.items] == ["new-1"]
 
 
@@ -219,10 +270,16 @@ def test_delete_items(rt: pb_grpc.RecommenderStub, trained: TrainedStore) -> Non
     assert err.value.code() == grpc.StatusCode.NOT_FOUND
 
 
-def test_forget_user(rt: pb_grpc.RecommenderStub, live: ServerThread, trained: TrainedStore) -> None:
+def test_forget_user(
+    rt: pb_grpc.RecommenderStub, live: ServerThread, trained: TrainedStore
+) -> None:
     user = str(trained.dataset.user_ids[3])
     item = str(trained.dataset.item_ids[7])
-    rt.TrackEvents(pb.TrackEventsRequest(events=[ev(E.VIEW, item, user=user), ev(E.ADD_TO_CART, item, user=user)]))
+    rt.TrackEvents(
+        pb.TrackEventsRequest(
+            events=[ev(E.VIEW, item, user=user), ev(E.ADD_TO_CART, item, user=user)]
+        )
+    )
     assert rt.Recommend(pb.RecommendRequest(context=pb.RequestContext(user_id=user))).personalized
     reply = rt.ForgetUser(pb.ForgetUserRequest(user_id=user))
     assert reply.state_entries_removed >= 2
@@ -230,7 +287,9 @@ def test_forget_user(rt: pb_grpc.RecommenderStub, live: ServerThread, trained: T
     assert reply.trained_profile_suppressed
     after = rt.Recommend(pb.RecommendRequest(context=pb.RequestContext(user_id=user)))
     assert not after.personalized
-    assert not rt.RecentlyViewed(pb.RecentlyViewedRequest(context=pb.RequestContext(user_id=user))).items
+    assert not rt.RecentlyViewed(
+        pb.RecentlyViewedRequest(context=pb.RequestContext(user_id=user))
+    ).items
     records, stats = read_events(Path(live.settings.event_log))
     assert not any(r.event.context.user_id == user for r in records)
     assert stats.dead_events == 2
@@ -244,13 +303,22 @@ def test_reload_keeps_live_changes_and_refuses_bad_versions(
 ) -> None:
     rt.UpsertItems(
         pb.UpsertItemsRequest(
-            items=[pb.CatalogItem(item_id="survives-reload", category=live.running.holder.current.catalog.category_names[0], price=5, countries=["DE"])]  # type: ignore[union-attr]
+            items=[
+                pb.CatalogItem(
+                    item_id="survives-reload",
+                    category=live.running.holder.current.catalog.category_names[0],
+                    price=5,
+                    countries=["DE"],
+                )
+            ]  # type: ignore[union-attr]
         )
     )
     version = rt.Recommend(pb.RecommendRequest()).model_version
     reply = rt.ReloadModel(pb.ReloadModelRequest())
     assert reply.model_version == version and reply.previous_model_version == version
-    assert rt.SimilarItems(pb.SimilarItemsRequest(seed_item_ids=["survives-reload"], num_results=3)).items
+    assert rt.SimilarItems(
+        pb.SimilarItemsRequest(seed_item_ids=["survives-reload"], num_results=3)
+    ).items
     with pytest.raises(grpc.RpcError) as err:
         rt.ReloadModel(pb.ReloadModelRequest(version="no-such-version"))
     assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION

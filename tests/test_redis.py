@@ -14,13 +14,13 @@ from pathlib import Path
 import grpc
 import pytest
 import redis
-from endcap.v1 import recommender_pb2 as pb
-from endcap.v1 import recommender_pb2_grpc as pb_grpc
+from test_cli import free_port
 
 from conftest import ServerThread, TrainedStore, make_settings
+from endcap.v1 import recommender_pb2 as pb
+from endcap.v1 import recommender_pb2_grpc as pb_grpc
 from server.domain.query import StateEvent
 from server.state.redis_store import RedisStore
-from test_cli import free_port
 
 REDIS = shutil.which("redis-server")
 if REDIS is None and os.environ.get("CI"):
@@ -116,7 +116,11 @@ def test_replicas_share_state(redis_server: RedisServer, trained: TrainedStore) 
         with grpc.insecure_channel(a.target) as ca, grpc.insecure_channel(b.target) as cb:
             stub_a, stub_b = pb_grpc.RecommenderStub(ca), pb_grpc.RecommenderStub(cb)
             assert not stub_b.Recommend(pb.RecommendRequest(context=ctx)).personalized
-            stub_a.TrackEvents(pb.TrackEventsRequest(events=[pb.Event(type=pb.Event.VIEW, item_id=item, context=ctx)]))
+            stub_a.TrackEvents(
+                pb.TrackEventsRequest(
+                    events=[pb.Event(type=pb.Event.VIEW, item_id=item, context=ctx)]
+                )
+            )
             recent = stub_b.RecentlyViewed(pb.RecentlyViewedRequest(context=ctx))
             assert [i.item_id for i in recent.items] == [item]
             assert stub_b.Recommend(pb.RecommendRequest(context=ctx)).personalized
@@ -125,14 +129,18 @@ def test_replicas_share_state(redis_server: RedisServer, trained: TrainedStore) 
         b.close()
 
 
-def test_redis_outage_degrades_then_recovers(redis_server: RedisServer, trained: TrainedStore) -> None:
+def test_redis_outage_degrades_then_recovers(
+    redis_server: RedisServer, trained: TrainedStore
+) -> None:
     settings = make_settings(trained.artifacts, state_backend="redis", redis_url=redis_server.url)
     srv = ServerThread(settings)
     gauge = srv.running.metrics.state_degraded
     try:
         item = de_item(trained, 12)
         ctx = pb.RequestContext(session_id="s-outage", country="DE")
-        track = pb.TrackEventsRequest(events=[pb.Event(type=pb.Event.VIEW, item_id=item, context=ctx)])
+        track = pb.TrackEventsRequest(
+            events=[pb.Event(type=pb.Event.VIEW, item_id=item, context=ctx)]
+        )
         with grpc.insecure_channel(srv.target) as channel:
             stub = pb_grpc.RecommenderStub(channel)
             redis_server.stop()

@@ -334,15 +334,17 @@ class Engine:
             segments: tuple[str, ...] = ()
             if row is not None:
                 device = _DEVICE_NAMES[ctx.device] if ctx.device else "*"
+                ancestors = self.catalog.filters.ancestors(int(self.catalog.category[row]))
                 segments = (
                     segment_key(ctx.country, device),
                     segment_key(ctx.country, "*"),
                     segment_key("", device),
                     segment_key("", "*"),
-                ) + tuple(
-                    segment_key(country, "*", self.catalog.category_names[c])
-                    for c in self.catalog.filters.ancestors(int(self.catalog.category[row]))
-                    for country in ({ctx.country, ""} if ctx.country else {""})
+                    *(
+                        segment_key(country, "*", self.catalog.category_names[c])
+                        for c in ancestors
+                        for country in ({ctx.country, ""} if ctx.country else {""})
+                    ),
                 )
             value = 0.0
             if ev.kind == PURCHASE:

@@ -49,9 +49,15 @@ class InvalidRequest(ValueError):
 def _text(field: str, value: str, limit: int = MAX_TEXT_CHARS) -> str:
     if len(value) > limit:
         raise InvalidRequest(field, f"must be at most {limit} characters, got {len(value)}")
-    if any(ord(ch) < 32 for ch in value):
+    if any(ord(ch) < 32 or ch == "\x7f" for ch in value):
         raise InvalidRequest(field, "must not contain control characters")
     return value
+
+
+def _show(value: str, limit: int = 40) -> str:
+    """A client value quoted for an error message, cut short: status messages travel in
+    trailers, and a megabyte of echoed input would break them."""
+    return repr(value) if len(value) <= limit else f"{value[:limit]!r}... ({len(value)} chars)"
 
 
 def _ids(
@@ -84,15 +90,17 @@ def context(msg: pb.RequestContext) -> Context:
         raise InvalidRequest("context.device", f"unknown value {msg.device}")
     if msg.placement not in _PLACEMENTS:
         raise InvalidRequest("context.placement", f"unknown value {msg.placement}")
+    # isascii(): "ß".upper() is "SS", a valid-looking code.
     country = msg.country.upper()
-    if country and not _COUNTRY.fullmatch(country):
+    if country and not (msg.country.isascii() and _COUNTRY.fullmatch(country)):
         raise InvalidRequest(
-            "context.country", f"must be an ISO 3166-1 alpha-2 code like 'DE', got {msg.country!r}"
+            "context.country",
+            f"must be an ISO 3166-1 alpha-2 code like 'DE', got {_show(msg.country)}",
         )
     currency = msg.currency.upper()
-    if currency and not _CURRENCY.fullmatch(currency):
+    if currency and not (msg.currency.isascii() and _CURRENCY.fullmatch(currency)):
         raise InvalidRequest(
-            "context.currency", f"must be an ISO 4217 code like 'EUR', got {msg.currency!r}"
+            "context.currency", f"must be an ISO 4217 code like 'EUR', got {_show(msg.currency)}"
         )
     return Context(
         user_id=_text("context.user_id", msg.user_id, MAX_ID_CHARS),
@@ -156,7 +164,8 @@ def _rules(msg: pb.Rules) -> Merchandising:
     for i, b in enumerate(msg.boosts):
         if b.attribute not in ("brand", "category"):
             raise InvalidRequest(
-                f"rules.boosts[{i}].attribute", f"must be brand or category, got {b.attribute!r}"
+                f"rules.boosts[{i}].attribute",
+                f"must be brand or category, got {_show(b.attribute)}",
             )
         if not math.isfinite(b.factor) or not 0 <= b.factor <= 100:
             raise InvalidRequest(
@@ -233,6 +242,7 @@ def similar(msg: pb.SimilarItemsRequest) -> SimilarQuery:
 
 MAX_EVENTS = 1000
 MAX_UPSERT = 10_000
+MAX_COUNTRIES = 300  # per catalog item; ISO 3166-1 has 249 codes
 MAX_FUTURE_S = 300.0
 _EVENT_TYPES = frozenset(pb.Event.Type.values()) - {pb.Event.TYPE_UNSPECIFIED}
 _NEEDS_ITEM = {
@@ -271,6 +281,7 @@ def event(msg: pb.Event, prefix: str, now_s: float) -> TrackedEvent:
     """One event of a batch; field names in errors carry `prefix` (e.g. "events[3]")."""
     if msg.type not in _EVENT_TYPES:
         raise InvalidRequest(f"{prefix}.type", f"must be a known event type, got {msg.type}")
+    _text(f"{prefix}.event_id", msg.event_id, MAX_ID_CHARS)  # echoed in rejections, logged
     try:
         ctx = context(msg.context)
     except InvalidRequest as exc:
@@ -339,15 +350,21 @@ def upsert_items(msg: pb.UpsertItemsRequest) -> list[tuple[int, ItemUpdate]]:
         if item.HasField("price") and (not math.isfinite(item.price) or item.price <= 0):
             raise InvalidRequest(f"{field}.price", f"must be a finite number > 0, got {item.price}")
         currency = item.currency.upper()
-        if currency and not _CURRENCY.fullmatch(currency):
+        if currency and not (item.currency.isascii() and _CURRENCY.fullmatch(currency)):
             raise InvalidRequest(
-                f"{field}.currency", f"must be an ISO 4217 code, got {item.currency!r}"
+                f"{field}.currency", f"must be an ISO 4217 code, got {_show(item.currency)}"
+            )
+        if len(item.countries) > MAX_COUNTRIES:
+            raise InvalidRequest(
+                f"{field}.countries",
+                f"must have at most {MAX_COUNTRIES} entries, got {len(item.countries)}",
             )
         countries = tuple(c.upper() for c in item.countries)
         for j, c in enumerate(countries):
-            if not _COUNTRY.fullmatch(c):
+            if not (c.isascii() and _COUNTRY.fullmatch(c)):
                 raise InvalidRequest(
-                    f"{field}.countries[{j}]", f"must be ISO 3166-1 alpha-2, got {c!r}"
+                    f"{field}.countries[{j}]",
+                    f"must be ISO 3166-1 alpha-2, got {_show(item.countries[j])}",
                 )
         out.append(
             (
