@@ -55,6 +55,8 @@ __all__ = [
     "Context",
     "DeadlineExceeded",
     "EndcapError",
+    "Event",
+    "EventRejection",
     "FieldViolation",
     "Filters",
     "HealthStatus",
@@ -65,6 +67,7 @@ __all__ = [
     "Recommendations",
     "Reranked",
     "ResourceExhausted",
+    "Tracked",
     "Unauthenticated",
     "Unavailable",
     "channel_options",
@@ -79,6 +82,15 @@ short enough that a page still renders (without recommendations) when it fails."
 Device = Literal["mobile", "tablet", "desktop"]
 Placement = Literal[
     "home", "category", "product", "cart", "checkout", "email", "search", "post_purchase"
+]
+EventType = Literal[
+    "view",
+    "add_to_cart",
+    "remove_from_cart",
+    "purchase",
+    "search",
+    "recommendation_impression",
+    "recommendation_click",
 ]
 HealthStatus = Literal["SERVING", "NOT_SERVING", "UNKNOWN", "SERVICE_UNKNOWN"]
 ApiKeyHeader = Literal["authorization", "x-api-key"]
@@ -159,6 +171,9 @@ class Recommendations:
     currency: str
     personalized: bool
     """False on the cold-start path (segment bestsellers) and for SimilarItems."""
+    experiment: str = ""
+    """The experiment and variant that served this shopper ("" when none)."""
+    variant: str = ""
 
     @property
     def item_ids(self) -> list[str]:
@@ -176,6 +191,49 @@ class Reranked(Recommendations):
     """Candidates not in the catalog."""
     filtered_item_ids: tuple[str, ...] = ()
     """Candidates in the catalog that failed a filter."""
+
+
+@dataclass(frozen=True, slots=True)
+class Event:
+    """One shopper event for `track_events` (proto `Event`).
+
+    `context` needs `user_id` and/or `session_id`. `item_id` is required except
+    for "search" and "recommendation_impression". Send the `recommendation_id`
+    of the response that showed an item with its impression and click (and
+    purchase) events: that attributes them to the model and experiment variant.
+    """
+
+    type: EventType
+    context: Context
+    item_id: str = ""
+    timestamp_s: float | None = None
+    """Unix time it happened; None means when the server receives it."""
+    price: float = 0.0
+    """Unit price in context currency ("purchase")."""
+    quantity: int = 0
+    query: str = ""
+    """Search text ("search")."""
+    recommendation_id: str = ""
+    event_id: str = ""
+    """Your id for the event, echoed in rejections."""
+
+
+@dataclass(frozen=True, slots=True)
+class EventRejection:
+    """Why one event of a batch was not accepted; the others in the batch were."""
+
+    index: int
+    event_id: str
+    field: str
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class Tracked:
+    """`track_events`' answer: how many events were accepted, and why the rest were not."""
+
+    accepted: int
+    rejected: tuple[EventRejection, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -257,11 +315,12 @@ def service_config(
 ) -> dict[str, Any]:
     """The gRPC service config the clients install (deploy/README.md shows it for other languages).
 
-    Calls failing with UNAVAILABLE (connection refused or reset, a replica
-    draining) are retried up to `max_attempts` in total with jittered
-    exponential backoff; every endcap RPC is a read, so a retry is safe.
-    Nothing else is retried: retrying DEADLINE_EXCEEDED only adds load where
-    it hurts.
+    Reads (Recommend, Rerank, SimilarItems, health, ...) failing with
+    UNAVAILABLE (connection refused or reset, a replica draining) are retried
+    up to `max_attempts` in total with jittered exponential backoff. Event
+    writes are not: a batch the server applied before the connection broke
+    would be applied twice. Nothing else is retried: retrying DEADLINE_EXCEEDED
+    only adds load where it hurts.
 
     `timeout_s` adds a default deadline for callers that set none. The clients
     here leave it out and put a deadline on every call instead: gRPC Python
@@ -286,7 +345,14 @@ def service_config(
             "backoffMultiplier": 2,
             "retryableStatusCodes": ["UNAVAILABLE"],
         }
-    return {"loadBalancingConfig": [{load_balancing: {}}], "methodConfig": [method]}
+    writes: dict[str, Any] = {
+        "name": [
+            {"service": SERVICE_NAME, "method": name} for name in ("TrackEvents", "StreamEvents")
+        ],
+    }
+    if "timeout" in method:
+        writes["timeout"] = method["timeout"]
+    return {"loadBalancingConfig": [{load_balancing: {}}], "methodConfig": [method, writes]}
 
 
 def channel_options(
@@ -457,6 +523,8 @@ def _recommendations(
         model_version=reply.model_version,
         currency=reply.currency,
         personalized=isinstance(reply, pb.RecommendResponse) and reply.personalized,
+        experiment=reply.experiment,
+        variant=reply.variant,
     )
 
 
@@ -467,6 +535,8 @@ def _reranked(reply: pb.RerankResponse) -> Reranked:
         model_version=reply.model_version,
         currency=reply.currency,
         personalized=reply.personalized,
+        experiment=reply.experiment,
+        variant=reply.variant,
         unknown_item_ids=tuple(reply.unknown_item_ids),
         filtered_item_ids=tuple(reply.filtered_item_ids),
     )
@@ -505,6 +575,38 @@ def _similar_request(
         filters=_filters(filters),
         seed_item_ids=_seq(seeds, "seed_item_ids"),
         num_results=num_results,
+    )
+
+
+_EVENT_TYPES: Final = _names(pb.Event.Type)
+
+
+def _track_request(events: Sequence[Event]) -> pb.TrackEventsRequest:
+    out = []
+    for event in events:
+        msg = pb.Event(
+            type=pb.Event.Type.Value(_enum_name(_EVENT_TYPES, "type", event.type)),
+            context=_context(event.context),
+            item_id=event.item_id,
+            price=event.price,
+            quantity=event.quantity,
+            query=event.query,
+            recommendation_id=event.recommendation_id,
+            event_id=event.event_id,
+        )
+        if event.timestamp_s is not None:
+            msg.timestamp.FromNanoseconds(round(event.timestamp_s * 1e9))
+        out.append(msg)
+    return pb.TrackEventsRequest(events=out)
+
+
+def _tracked(reply: pb.TrackEventsResponse) -> Tracked:
+    return Tracked(
+        accepted=reply.accepted,
+        rejected=tuple(
+            EventRejection(index=r.index, event_id=r.event_id, field=r.field, reason=r.reason)
+            for r in reply.rejected
+        ),
     )
 
 
@@ -651,6 +753,27 @@ class Client(_Base):
             raise _error(exc) from None
         return _recommendations(reply)
 
+    def track_events(
+        self,
+        events: Sequence[Event],
+        *,
+        timeout_s: float | None = None,
+        metadata: Sequence[tuple[str, str]] = (),
+    ) -> Tracked:
+        """Records 1..1000 shopper events; each is validated on its own.
+
+        Accepted events shape the shopper's next recommendations; rejected ones
+        come back with the field and reason. Unlike reads, a batch is not
+        retried on UNAVAILABLE (the server may have applied it): retry it
+        yourself if your pipeline tolerates duplicates.
+        """
+        request = _track_request(events)
+        try:
+            reply = self._stub.TrackEvents(request, **self._call_args(timeout_s, metadata))
+        except grpc.RpcError as exc:
+            raise _error(exc) from None
+        return _tracked(reply)
+
     def health(
         self, service: str = SERVICE_NAME, *, timeout_s: float | None = None
     ) -> HealthStatus:
@@ -790,6 +913,21 @@ class AsyncClient(_Base):
         except grpc.RpcError as exc:
             raise _error(exc) from None
         return _recommendations(reply)
+
+    async def track_events(
+        self,
+        events: Sequence[Event],
+        *,
+        timeout_s: float | None = None,
+        metadata: Sequence[tuple[str, str]] = (),
+    ) -> Tracked:
+        """See `Client.track_events`."""
+        request = _track_request(events)
+        try:
+            reply = await self._stub.TrackEvents(request, **self._call_args(timeout_s, metadata))
+        except grpc.RpcError as exc:
+            raise _error(exc) from None
+        return _tracked(reply)
 
     async def health(
         self, service: str = SERVICE_NAME, *, timeout_s: float | None = None

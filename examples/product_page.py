@@ -11,8 +11,10 @@ What a real backend would take from this:
 - the shopper's context built once per page view and passed to every call;
 - both widgets requested concurrently, each with a tight deadline, and a page
   that still renders (without the widget) when a call fails or is late;
-- the `recommendation_id` of each widget kept for the impression and click
-  events the page will send back.
+- an impression event per widget, carrying its `recommendation_id`, sent
+  after the page is rendered (and a click event, with the same id, when the
+  shopper clicks), so endcap can attribute clicks and purchases to the model
+  and experiment variant that produced them.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from endcap.client import AsyncClient, Context, EndcapError, Filters, Recommendations
+from endcap.client import AsyncClient, Context, EndcapError, Event, Filters, Recommendations
 
 log = logging.getLogger("product_page")
 
@@ -62,8 +64,8 @@ async def merchandised_list(client: AsyncClient, context: Context) -> list[str]:
 
 async def render_product_page(
     client: AsyncClient, product_id: str, context: Context, cart: Sequence[str] = ()
-) -> str:
-    """The HTML-ish text of one product page for one shopper."""
+) -> tuple[str, list[Widget]]:
+    """The HTML-ish text of one product page for one shopper, and the widgets shown."""
     context = {**context, "placement": "product"}
     # Hard constraints for both widgets: shippable to the shopper, in stock,
     # nothing already in the cart, not the product itself.
@@ -97,9 +99,11 @@ async def render_product_page(
         ),
     )
     lines = [f"=== Product {product_id} ==="]
+    shown = []
     for widget in (similar, look):
         if widget.recs is None or not widget.recs.items:
             continue
+        shown.append(widget)
         lines.append(f"--- {widget.title} ---")
         for item in widget.recs.items:
             lines.append(
@@ -107,25 +111,31 @@ async def render_product_page(
                 f"{item.price:>9.2f} {item.currency}"
             )
         lines.append(f"  (recommendation_id={widget.recs.recommendation_id})")
-        record_impressions(widget.recs, context)
-    return "\n".join(lines)
+    return "\n".join(lines), shown
 
 
-def record_impressions(recs: Recommendations, context: Context) -> None:
-    """Where the page reports what it showed.
+async def send_impressions(client: AsyncClient, widgets: Sequence[Widget], context: Context) -> int:
+    """Reports what the page showed: one impression event per widget.
 
-    Send an impression event per shown item, and later a click event, each with
-    `recs.recommendation_id`, so endcap can attribute clicks and conversions to
-    the model version and experiment variant that produced them (TrackEvents,
-    issue 6; this client gains `track_events` when the server ships it).
+    A click sends `Event("recommendation_click", context, item_id,
+    recommendation_id=...)` the same way. Events are best effort: a failure is
+    logged, never shown to the shopper.
     """
-    log.info(
-        "impressions: recommendation_id=%s model=%s items=%s shopper=%s",
-        recs.recommendation_id,
-        recs.model_version,
-        recs.item_ids,
-        context.get("user_id") or context.get("session_id") or "anonymous",
-    )
+    events = [
+        Event("recommendation_impression", context, recommendation_id=w.recs.recommendation_id)
+        for w in widgets
+        if w.recs is not None
+    ]
+    if not events:
+        return 0
+    try:
+        tracked = await client.track_events(events, timeout_s=WIDGET_TIMEOUT_S)
+    except EndcapError as exc:
+        log.warning("impressions not recorded: %s", exc)
+        return 0
+    for rejection in tracked.rejected:
+        log.warning("impression rejected: %s %s", rejection.field, rejection.reason)
+    return tracked.accepted
 
 
 async def main(argv: Sequence[str] | None = None) -> int:
@@ -150,7 +160,10 @@ async def main(argv: Sequence[str] | None = None) -> int:
     async with AsyncClient(args.target) as client:
         await client.wait_until_serving(timeout_s=10)
         product = args.item or (await merchandised_list(client, context))[0]
-        print(await render_product_page(client, product, context))
+        page, shown = await render_product_page(client, product, context)
+        print(page)
+        sent = await send_impressions(client, shown, context)
+        print(f"impressions recorded: {sent}")
     return 0
 
 

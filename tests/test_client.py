@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -23,7 +24,9 @@ from endcap.client import (
     SERVICE_NAME,
     AsyncClient,
     Client,
+    Context,
     DeadlineExceeded,
+    Event,
     Filters,
     InvalidArgument,
     Item,
@@ -136,6 +139,29 @@ def test_bad_context_is_refused_before_the_call(client: Client) -> None:
         client.recommend(device="watch")  # type: ignore[arg-type]
     with pytest.raises(TypeError, match="unknown context field"):
         client.recommend(userid="u1")  # type: ignore[call-arg]
+
+
+def test_track_events_accepts_good_events_and_reports_bad_ones(
+    client: Client, trained: TrainedStore
+) -> None:
+    shopper: Context = {"session_id": "s-events", "country": "DE", "currency": "EUR"}
+    recs = client.recommend(num_results=3, **shopper)
+    assert recs.experiment == "" and recs.variant == ""  # no experiments configured
+    item = recs.item_ids[0]
+    tracked = client.track_events(
+        [
+            Event("recommendation_impression", shopper, recommendation_id=recs.recommendation_id),
+            Event("recommendation_click", shopper, item, recommendation_id=recs.recommendation_id),
+            Event("view", shopper, item, timestamp_s=time.time() - 1, event_id="e-view"),
+            Event("view", shopper, event_id="e-bad"),  # no item_id
+            Event("purchase", shopper, item, price=19.99, quantity=2),
+        ]
+    )
+    assert tracked.accepted == 4
+    (bad,) = tracked.rejected
+    assert (bad.index, bad.event_id, bad.field) == (3, "e-bad", "events[3].item_id")
+    with pytest.raises(ValueError, match="type must be one of"):
+        client.track_events([Event("like", shopper, item)])  # type: ignore[arg-type]
 
 
 def test_health(client: Client) -> None:
@@ -356,7 +382,9 @@ def test_tls_credentials(tmp_path: Path) -> None:
 
 def test_service_config_shape() -> None:
     config = service_config(timeout_s=0.25, max_attempts=4, load_balancing="round_robin")
-    (method,) = config["methodConfig"]
+    method, writes = config["methodConfig"]
+    assert writes["name"][0] == {"service": SERVICE_NAME, "method": "TrackEvents"}
+    assert "retryPolicy" not in writes and writes["timeout"] == "0.250000s"
     assert {"service": SERVICE_NAME} in method["name"]
     assert method["timeout"] == "0.250000s"
     assert "timeout" not in service_config()["methodConfig"][0]
@@ -388,3 +416,4 @@ def test_product_page_example_renders(server: ServerThread, trained: TrainedStor
     assert f"Product {item}" in page
     assert "You may also like" in page and "Complete the look" in page
     assert "recommendation_id=" in page
+    assert "impressions recorded: 2" in page
