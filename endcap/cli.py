@@ -41,7 +41,7 @@ def _add_serve_flags(p: argparse.ArgumentParser) -> None:
 def _add_train_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--items", type=int, default=50_000, help="synthetic catalog size")
     p.add_argument("--users", type=int, default=20_000, help="synthetic shoppers")
-    p.add_argument("--events", type=int, default=1_000_000, help="synthetic interactions")
+    p.add_argument("--interactions", type=int, default=1_000_000, help="synthetic interactions")
     p.add_argument(
         "--epochs", type=int, default=None, help="training epochs (default: TrainConfig)"
     )
@@ -55,12 +55,14 @@ def _train(args: argparse.Namespace, out: Path) -> Path:
     from training.train import TrainConfig
 
     store = StoreConfig(
-        n_items=args.items, n_users=args.users, n_events=args.events, seed=args.seed
+        n_items=args.items, n_users=args.users, n_events=args.interactions, seed=args.seed
     )
     overrides = {"dim": args.dim, "seed": args.seed}
     if args.epochs is not None:
         overrides["epochs"] = args.epochs
-    return train_and_export(out, store, TrainConfig(**overrides))
+    return train_and_export(
+        out, store, TrainConfig(**overrides), events=getattr(args, "event_log", None)
+    )
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -91,7 +93,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
     except ArtifactError:
         existing = None
     if existing is None:
-        print(f"Training on the synthetic store ({args.items:,} items, {args.events:,} events)…")
+        print(
+            f"Training on the synthetic store ({args.items:,} items, {args.interactions:,} interactions)…"
+        )
         _train(args, root)
     else:
         print(f"Reusing the trained artifact {existing} (pass --retrain to train again)")
@@ -177,6 +181,12 @@ def build_parser() -> argparse.ArgumentParser:
         "index and write a new artifact version under --out (LATEST points at it).",
     )
     train.add_argument("--out", type=Path, default=Path("artifacts"), help="artifact root")
+    train.add_argument(
+        "--events",
+        dest="event_log",
+        type=Path,
+        help="also learn from this durable event log directory (the server's ENDCAP_EVENT_LOG)",
+    )
     _add_train_flags(train)
     train.set_defaults(func=cmd_train)
 

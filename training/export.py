@@ -16,7 +16,7 @@ import numpy as np
 import numpy.typing as npt
 
 from server.artifact import write_artifact
-from training.data import Dataset
+from training.data import ADD_TO_CART, PURCHASE, Dataset
 from training.train import TrainedModel, collapse_events, last_items
 
 logger = logging.getLogger(__name__)
@@ -84,6 +84,8 @@ def export_artifact(
         "segment_top_items": top_items,
         "segment_top_scores": top_scores,
     }
+    arrays.update(purchase_stats(dataset))
+    arrays.update(copurchase(dataset))
     index = build_index(model.item_embeddings, threads=threads or config.threads, seed=config.seed)
     version = model_version or _new_version(dataset, model)
     params: dict[str, Any] = config.to_dict()
@@ -177,6 +179,58 @@ def segment_top(
             items[c, d, : top.size] = top
             scores[c, d, : top.size] = segment[top]
     return items, scores
+
+
+def purchase_stats(dataset: Dataset) -> dict[str, npt.NDArray[Any]]:
+    """Per user: orders, money spent (base currency) and last purchase time (RFM)."""
+    bought = dataset.ev_type == PURCHASE
+    users = dataset.ev_user[bought]
+    orders = np.bincount(users, minlength=dataset.n_users).astype(np.int32)
+    spent = np.bincount(
+        users, weights=dataset.item_price[dataset.ev_item[bought]], minlength=dataset.n_users
+    )
+    last = np.zeros(dataset.n_users, dtype=np.float64)
+    np.maximum.at(last, users, dataset.ev_ts[bought].astype(np.float64))
+    return {"user_orders": orders, "user_monetary": spent, "user_last_purchase_s": last}
+
+
+def copurchase(
+    dataset: Dataset, *, per_item: int = 20, max_lag: int = 3, window_s: int = 7 * 86_400
+) -> dict[str, npt.NDArray[Any]]:
+    """ "Customers also bought": for each item, the items carted or bought by the same
+    shopper within `window_s` and `max_lag` steps of it, most frequent first (CSR)."""
+    n = dataset.n_items
+    intent = dataset.ev_type >= ADD_TO_CART
+    order = np.lexsort((dataset.ev_ts[intent], dataset.ev_user[intent]))
+    user = dataset.ev_user[intent][order].astype(np.int64)
+    item = dataset.ev_item[intent][order].astype(np.int64)
+    ts = dataset.ev_ts[intent][order]
+    codes = []
+    for lag in range(1, max_lag + 1):
+        same = (user[lag:] == user[:-lag]) & (ts[lag:] - ts[:-lag] <= window_s)
+        same &= item[lag:] != item[:-lag]
+        a, b = item[:-lag][same], item[lag:][same]
+        codes += [a * n + b, b * n + a]  # both directions: a pair is bought together
+    if not codes:
+        return {
+            "copurchase_indptr": np.zeros(n + 1, dtype=np.int64),
+            "copurchase_items": np.zeros(0, dtype=np.int32),
+            "copurchase_scores": np.zeros(0, dtype=np.float32),
+        }
+    pairs, counts = np.unique(np.concatenate(codes), return_counts=True)
+    src, dst = pairs // n, pairs % n
+    rank = np.lexsort((dst, -counts, src))  # per source item: most frequent first
+    src, dst, counts = src[rank], dst[rank], counts[rank]
+    starts = np.searchsorted(src, np.arange(n + 1))
+    position = np.arange(src.size) - starts[src]
+    keep = position < per_item
+    src, dst, counts = src[keep], dst[keep], counts[keep]
+    indptr = np.searchsorted(src, np.arange(n + 1)).astype(np.int64)
+    return {
+        "copurchase_indptr": indptr,
+        "copurchase_items": dst.astype(np.int32),
+        "copurchase_scores": counts.astype(np.float32),
+    }
 
 
 def _top(scores: npt.NDArray[np.float64], k: int) -> npt.NDArray[np.int64]:

@@ -10,6 +10,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
+from training.events import merge_event_log
 from training.export import export_artifact
 from training.synthetic import StoreConfig, generate_store
 from training.train import METRIC_NAMES, TrainConfig, TrainedModel, train
@@ -18,7 +19,12 @@ logger = logging.getLogger(__name__)
 
 
 def train_and_export(
-    root: Path, store: StoreConfig, config: TrainConfig, *, progress: bool = True
+    root: Path,
+    store: StoreConfig,
+    config: TrainConfig,
+    *,
+    progress: bool = True,
+    events: Path | None = None,
 ) -> Path:
     """Generate `store`, train with `config`, write an artifact under `root`; returns its directory.
 
@@ -27,6 +33,12 @@ def train_and_export(
     """
     began = time.perf_counter()
     dataset = generate_store(store)
+    if events is not None:
+        dataset, counts = merge_event_log(dataset, events)
+        if progress:
+            Console().print(
+                f"event log {events}: " + ", ".join(f"{k} {v:,}" for k, v in counts.items())
+            )
     generated = time.perf_counter()
     logger.info(
         "generated %s: %d items, %d users, %d events in %.1fs",
