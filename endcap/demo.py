@@ -23,7 +23,17 @@ _PROVENANCE = pb.RecommendedItem.Provenance
 
 def _table(title: str, items: list[pb.RecommendedItem]) -> Table:
     table = Table(title=title, title_justify="left", show_lines=False)
-    for col in ("#", "item", "category", "brand", "price", "stock", "score", "provenance"):
+    for col in (
+        "#",
+        "item",
+        "category",
+        "brand",
+        "price",
+        "stock",
+        "score",
+        "provenance",
+        "reason",
+    ):
         table.add_column(col, justify="right" if col in {"#", "price", "score"} else "left")
     for rank, it in enumerate(items, 1):
         table.add_row(
@@ -35,6 +45,7 @@ def _table(title: str, items: list[pb.RecommendedItem]) -> Table:
             "yes" if it.in_stock else "no",
             f"{it.score:.3f}",
             _PROVENANCE.Name(it.provenance).lower(),
+            it.reason,
         )
     return table
 
@@ -97,6 +108,39 @@ async def show_examples(
             _table(
                 f"SimilarItems: product page of {seed.item_id} ({seed.category}), DE",
                 list(similar.items),
+            )
+        )
+        upsell = await stub.Recommend(
+            pb.RecommendRequest(
+                context=pb.RequestContext(
+                    country="DE", currency="EUR", placement=Placement.PRODUCT
+                ),
+                seed_item_ids=[seed.item_id],
+                strategy="product.upsell",
+                num_results=3,
+            )
+        )
+        console.print(
+            _table(
+                f"Recommend, strategy product.upsell: same category, 1.1-2x the price of "
+                f"{seed.item_id} ({seed.price:,.2f} EUR)",
+                list(upsell.items),
+            )
+        )
+        cart_ctx = pb.RequestContext(
+            session_id="demo-cart", country="DE", currency="EUR", placement=Placement.CART
+        )
+        await stub.TrackEvents(
+            pb.TrackEventsRequest(
+                events=[pb.Event(type=pb.Event.ADD_TO_CART, item_id=seed.item_id, context=cart_ctx)]
+            )
+        )
+        cart = await stub.Recommend(pb.RecommendRequest(context=cart_ctx, num_results=5))
+        console.print(
+            _table(
+                f"Recommend, cart page after TrackEvents(ADD_TO_CART {seed.item_id}): "
+                f"cross-sell, never the cart item (segment {pb.ShopperSegment.Name(cart.shopper_segment)})",
+                list(cart.items),
             )
         )
     candidates = [it.item_id for it in b.items] + ["not-a-real-item"]
