@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import functools
 import logging
@@ -35,6 +36,7 @@ log = logging.getLogger(__name__)
 
 Ctx = grpc.aio.ServicerContext[object, object]
 MAX_LISTED_REJECTIONS = 1000
+UPSERT_SLICE = 250  # items applied between yields to the event loop
 _ADD_TO_CART, _PURCHASE = pb.Event.ADD_TO_CART, pb.Event.PURCHASE
 
 
@@ -367,9 +369,18 @@ class RecommenderServicer(pb_grpc.RecommenderServicer):
     ) -> pb.UpsertItemsResponse:
         items = validate.upsert_items(request)
         engine = self._engine()
-        created, updated, rejected = engine.upsert(items)
-        bad = {r.index for r in rejected}
-        self._holder.journal.extend(("upsert", it) for i, it in items if i not in bad)
+        created = updated = 0
+        rejected: list[Rejected] = []
+        # Apply in slices and yield between them: a 10k-item batch must not stall
+        # the requests this event loop is serving meanwhile.
+        for start in range(0, len(items), UPSERT_SLICE):
+            chunk = items[start : start + UPSERT_SLICE]
+            n_new, n_changed, bad_chunk = engine.upsert(chunk)
+            created, updated = created + n_new, updated + n_changed
+            rejected += bad_chunk
+            bad = {r.index for r in bad_chunk}
+            self._holder.journal.extend(("upsert", it) for i, it in chunk if i not in bad)
+            await asyncio.sleep(0)
         self._metrics.catalog_items.set(len(engine.catalog))
         return pb.UpsertItemsResponse(
             created=created,
