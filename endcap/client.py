@@ -335,7 +335,7 @@ def service_config(
     if timeout_s is not None:
         if timeout_s <= 0:
             raise ValueError(f"timeout_s must be > 0, got {timeout_s}")
-        method["timeout"] = f"{timeout_s:.6f}s"
+        method["timeout"] = f"{timeout_s:.9f}".rstrip("0").rstrip(".") + "s"
     if max_attempts > 1:
         method["retryPolicy"] = {
             # gRPC caps maxAttempts at 5 whatever the config says.

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import subprocess
 import sys
 import threading
@@ -384,9 +385,9 @@ def test_service_config_shape() -> None:
     config = service_config(timeout_s=0.25, max_attempts=4, load_balancing="round_robin")
     method, writes = config["methodConfig"]
     assert writes["name"][0] == {"service": SERVICE_NAME, "method": "TrackEvents"}
-    assert "retryPolicy" not in writes and writes["timeout"] == "0.250000s"
+    assert "retryPolicy" not in writes and writes["timeout"] == "0.25s"
     assert {"service": SERVICE_NAME} in method["name"]
-    assert method["timeout"] == "0.250000s"
+    assert method["timeout"] == "0.25s"
     assert "timeout" not in service_config()["methodConfig"][0]
     assert method["retryPolicy"]["retryableStatusCodes"] == ["UNAVAILABLE"]
     assert method["retryPolicy"]["maxAttempts"] == 4
@@ -395,7 +396,21 @@ def test_service_config_shape() -> None:
         service_config(max_attempts=0)
 
 
-# --- the worked example ------------------------------------------------------------
+# --- the README and the worked example ------------------------------------------------
+
+
+def test_readme_three_lines_work(
+    server: ServerThread, trained: TrainedStore, capsys: pytest.CaptureFixture[str]
+) -> None:
+    section = (ROOT / "README.md").read_text().split("## Python client", 1)[1]
+    match = re.search(r"```python\n(.*?)```", section, flags=re.S)
+    assert match
+    code = [line for line in match[1].splitlines() if line.strip()]
+    assert len(code) == 3, code
+    user = known_user(trained, "DE")
+    exec("\n".join(code).replace("localhost:50051", server.target).replace("u000001", user), {})
+    printed = capsys.readouterr().out
+    assert printed.count("sku-") == 10
 
 
 def test_product_page_example_renders(server: ServerThread, trained: TrainedStore) -> None:

@@ -515,6 +515,15 @@ def test_training_cronjob_writes_where_servers_read() -> None:
     ]
 
 
+def test_readme_service_config_is_the_clients() -> None:
+    from endcap.client import service_config
+
+    text = (DEPLOY / "README.md").read_text()
+    (block,) = re.findall(r"```json\n(.*?)```", text, flags=re.S)
+    assert json.loads(block) == service_config(timeout_s=1.0, load_balancing="round_robin")
+    assert "dns:///endcap.endcap.svc.cluster.local:50051" in text
+
+
 # --- Prometheus: static checks --------------------------------------------------------
 
 RULE_FILES = ("endcap.rules.yml", "endcap.alerts.yml")
