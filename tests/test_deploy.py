@@ -12,6 +12,7 @@ it). Without them these tests skip locally and fail under CI=true.
 
 from __future__ import annotations
 
+import importlib.metadata
 import json
 import os
 import re
@@ -281,15 +282,27 @@ def test_wheel_from_the_build_stage_serves_without_torch(tmp_path: Path) -> None
         if line.startswith("Requires-Dist:") and "extra ==" not in line
     ]
     assert "torch" not in {r.name for r in unconditional}
-    # Import the serving path from the wheel alone, with torch made unimportable.
+    # Import the serving path from the wheel alone, as in the serve image: every
+    # installed distribution outside the closure of the wheel's unconditional
+    # requirements (torch, the dev tools, ...) is made unimportable.
+    own = {Path(n).parts[0] for n in names if "/" in n and ".dist-info" not in n}
+    installed = requirement_closure(unconditional)
+    blocked = sorted(
+        module
+        for module, dists in importlib.metadata.packages_distributions().items()
+        if not set(dists) & installed and module not in own
+    )
+    assert "torch" in blocked
     probe = (
-        "import sys, importlib.abc\n"
-        "class NoTorch(importlib.abc.MetaPathFinder):\n"
+        "import json, sys, importlib.abc\n"
+        f"BLOCKED = set({json.dumps(blocked)})\n"
+        "class NotInServeImage(importlib.abc.MetaPathFinder):\n"
         "    def find_spec(self, name, path=None, target=None):\n"
-        "        if name == 'torch' or name.startswith('torch.'):\n"
-        "            raise ImportError('torch is not in the serve image')\n"
-        "sys.meta_path.insert(0, NoTorch())\n"
+        "        if name.split('.')[0] in BLOCKED:\n"
+        "            raise ImportError(f'{name} is not in the serve image')\n"
+        "sys.meta_path.insert(0, NotInServeImage())\n"
         "import endcap, endcap.cli, endcap.client, server.app\n"
+        "import grpc_health.v1.health_pb2_grpc  # `endcap health`, the HEALTHCHECK\n"
         f"assert endcap.cli.__file__.startswith({str(tmp_path / 'site')!r}), endcap.cli.__file__\n"
         "endcap.cli.build_parser().parse_args(['serve'])\n"
         "print('ok')\n"
@@ -300,6 +313,27 @@ def test_wheel_from_the_build_stage_serves_without_torch(tmp_path: Path) -> None
         [sys.executable, "-c", probe], cwd=tmp_path, env=env, capture_output=True, text=True
     )
     assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr
+
+
+def requirement_closure(requirements: list[Requirement]) -> set[str]:
+    """Distribution names (canonical) that installing `requirements` brings in."""
+    from packaging.utils import canonicalize_name
+
+    seen: set[str] = set()
+    todo = list(requirements)
+    while todo:
+        req = todo.pop()
+        name = canonicalize_name(req.name)
+        if name in seen or (req.marker is not None and not req.marker.evaluate({"extra": ""})):
+            continue
+        seen.add(name)
+        todo.extend(Requirement(r) for r in importlib.metadata.requires(req.name) or [])
+    # packages_distributions() reports names as installed; compare both spellings.
+    return seen | {
+        dist.metadata["Name"]
+        for dist in importlib.metadata.distributions()
+        if canonicalize_name(dist.metadata["Name"]) in seen
+    }
 
 
 # --- Kubernetes ---------------------------------------------------------------------
