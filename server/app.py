@@ -267,6 +267,7 @@ async def serve(settings: Settings) -> int:
         "gRPC listening on %s:%d (NOT_SERVING until the model loads)", settings.host, running.port
     )
     try:
+        await _wait_for_artifact(settings)
         engine = await loop.run_in_executor(running.executor, load_engine, settings)
     except (ArtifactError, StrategyConfigError) as exc:
         log.error("cannot serve: %s", exc)
@@ -305,6 +306,17 @@ async def serve(settings: Settings) -> int:
         task.cancel()
     await running.stop(settings.grace_s)
     return 0
+
+
+async def _wait_for_artifact(settings: Settings) -> None:
+    """Before the first training run publishes, wait (NOT_SERVING) instead of exiting."""
+    deadline = time.monotonic() + settings.wait_for_artifact_s
+    while time.monotonic() < deadline:
+        try:
+            resolve(settings.artifacts)
+            return
+        except ArtifactError:
+            await asyncio.sleep(1.0)
 
 
 async def _reload_quietly(running: Running) -> None:

@@ -43,6 +43,10 @@ class Settings:
     experiments: str = ""  # TOML/JSON experiments file; "" = no experiments
     strategies: str = ""  # TOML placement strategies overriding the defaults; "" = defaults
     max_message_bytes: int = 4 * 1024 * 1024
+    max_connection_age_s: float = 300.0  # clients reconnect (and re-resolve) this often
+    wait_for_artifact_s: float = (
+        0.0  # >0: start NOT_SERVING and wait this long for a first artifact
+    )
     log_level: str = "INFO"
 
     @classmethod
