@@ -19,14 +19,14 @@ from grpc_reflection.v1alpha import reflection
 from prometheus_client import start_http_server
 
 from endcap.v1 import recommender_pb2, recommender_pb2_grpc
-from server.artifact import LATEST, ArtifactError, load_artifact
+from server.artifact import LATEST, ArtifactError, load_artifact, resolve
 from server.domain import experiments
 from server.domain.catalog import ItemUpdate
 from server.domain.engine import Engine
 from server.domain.experiments import ExperimentConfigError
+from server.domain.retrieval import SearchTuning
 from server.domain.strategy import StrategyConfigError
 from server.domain.strategy import load as load_strategies
-from server.domain.retrieval import SearchTuning
 from server.infra.metrics import Metrics, default_metrics
 from server.infra.settings import Settings
 from server.state.eventlog import EventLog
@@ -190,6 +190,12 @@ async def start(settings: Settings, metrics: Metrics | None = None) -> Running:
     options: list[tuple[str, Any]] = [
         ("grpc.max_receive_message_length", settings.max_message_bytes),
         ("grpc.max_send_message_length", settings.max_message_bytes),
+        # Close connections after a while (with a grace for in-flight calls) so
+        # clients re-resolve DNS and spread onto replicas the autoscaler adds.
+        ("grpc.max_connection_age_ms", int(settings.max_connection_age_s * 1000)),
+        ("grpc.max_connection_age_grace_ms", int(settings.grace_s * 1000)),
+        ("grpc.keepalive_permit_without_calls", 1),
+        ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
         ("grpc.so_reuseport", 0),
     ]
     server = grpc.aio.server(interceptors=[MetricsInterceptor(metrics)], options=options)
