@@ -32,6 +32,7 @@ from server.infra.settings import Settings
 from server.state.eventlog import EventLog
 from server.state.redis_store import RedisStore, ResilientStore
 from server.state.store import MemoryStore, StateStore
+from server.transport.decode import DecodeInterceptor
 from server.transport.interceptors import MetricsInterceptor
 from server.transport.servicer import EngineHolder, RecommenderServicer
 
@@ -198,7 +199,8 @@ async def start(settings: Settings, metrics: Metrics | None = None) -> Running:
         ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
         ("grpc.so_reuseport", 0),
     ]
-    server = grpc.aio.server(interceptors=[MetricsInterceptor(metrics)], options=options)
+    interceptors = [MetricsInterceptor(metrics), DecodeInterceptor()]
+    server = grpc.aio.server(interceptors=interceptors, options=options)
     recommender_pb2_grpc.add_RecommenderServicer_to_server(
         RecommenderServicer(holder, metrics, store, events, reload), server
     )

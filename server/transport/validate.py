@@ -399,6 +399,12 @@ def forget_user(msg: pb.ForgetUserRequest) -> tuple[str, str]:
 
 def reload_model(msg: pb.ReloadModelRequest) -> str:
     version = _text("version", msg.version, MAX_ID_CHARS)
-    if version and (version.startswith(".") or "/" in version or "\\" in version):
-        raise InvalidRequest("version", f"must be a version directory name, got {version!r}")
+    # A plain directory name: no path separators, no "..", nothing the filesystem refuses.
+    if version and (version.startswith(".") or not _VERSION.fullmatch(version)):
+        raise InvalidRequest(
+            "version", f"must be a version directory name [A-Za-z0-9._-], got {_show(version)}"
+        )
     return version
+
+
+_VERSION = re.compile(r"[A-Za-z0-9._-]+")

@@ -1,0 +1,84 @@
+"""Request decoding at the edge: malformed bytes are INVALID_ARGUMENT, not UNKNOWN.
+
+grpc turns an exception in a request deserializer into UNKNOWN ("Unexpected
+DecodeError") before any handler runs. This interceptor hands the behaviour
+raw bytes instead and parses them itself, so a client that sends garbage (or a
+string that is not UTF-8) gets INVALID_ARGUMENT like any other bad request.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import grpc
+from google.protobuf.message import DecodeError
+
+from server.transport.handlers import rebuild
+
+Ctx = grpc.aio.ServicerContext[Any, Any]
+
+
+class DecodeInterceptor(grpc.aio.ServerInterceptor):
+    """Parses requests of unary-response methods (every Recommender RPC) in the handler.
+
+    Response-streaming methods (health Watch, reflection) keep grpc's own decoding.
+    Wrapped handlers are cached per method; unknown methods are not cached.
+    """
+
+    def __init__(self) -> None:
+        self._cache: dict[str, grpc.RpcMethodHandler] = {}
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        method = handler_call_details.method
+        cached = self._cache.get(method)
+        if cached is not None:
+            return cached
+        handler = await continuation(handler_call_details)
+        parse = None if handler is None else handler.request_deserializer
+        if handler is None or parse is None or handler.response_streaming:
+            return handler
+        if handler.request_streaming:
+            wrapped = rebuild(
+                handler, _stream(parse, handler.stream_unary), request_deserializer=None
+            )
+        else:
+            wrapped = rebuild(
+                handler, _unary(parse, handler.unary_unary), request_deserializer=None
+            )
+        self._cache[method] = wrapped
+        return wrapped
+
+
+async def _decode(parse: Callable[[bytes], Any], raw: bytes, context: Ctx) -> Any:
+    try:
+        return parse(raw)
+    except (DecodeError, ValueError) as exc:
+        # The message names the type and nothing of the payload.
+        await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"malformed request: {exc}")
+
+
+def _unary(
+    parse: Callable[[bytes], Any], behavior: Callable[[Any, Ctx], Awaitable[Any]]
+) -> Callable[[bytes, Ctx], Awaitable[Any]]:
+    async def decoded(raw: bytes, context: Ctx) -> Any:
+        return await behavior(await _decode(parse, raw, context), context)
+
+    return decoded
+
+
+def _stream(
+    parse: Callable[[bytes], Any], behavior: Callable[[AsyncIterator[Any], Ctx], Awaitable[Any]]
+) -> Callable[[AsyncIterator[bytes], Ctx], Awaitable[Any]]:
+    async def decoded(raw_iterator: AsyncIterator[bytes], context: Ctx) -> Any:
+        async def requests() -> AsyncIterator[Any]:
+            async for raw in raw_iterator:
+                yield await _decode(parse, raw, context)
+
+        return await behavior(requests(), context)
+
+    return decoded

@@ -1,0 +1,40 @@
+"""Rebuild a grpc method handler around a new behaviour, keeping its kind and codecs."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import grpc
+
+Behavior = Callable[..., Any]
+_SAME: Any = object()
+
+
+def behavior_of(handler: grpc.RpcMethodHandler) -> Behavior:
+    """The one behaviour a handler carries, whatever its kind."""
+    behavior: Behavior = (
+        handler.unary_unary or handler.unary_stream or handler.stream_unary or handler.stream_stream
+    )
+    return behavior
+
+
+def rebuild(
+    handler: grpc.RpcMethodHandler,
+    behavior: Behavior,
+    *,
+    request_deserializer: Callable[[bytes], Any] | None = _SAME,
+) -> grpc.RpcMethodHandler:
+    """A handler of the same kind running `behavior`; the deserializer may be swapped
+    (None hands the behaviour raw bytes)."""
+    deserializer = (
+        handler.request_deserializer if request_deserializer is _SAME else request_deserializer
+    )
+    serializer = handler.response_serializer
+    if handler.request_streaming and handler.response_streaming:
+        return grpc.stream_stream_rpc_method_handler(behavior, deserializer, serializer)
+    if handler.request_streaming:
+        return grpc.stream_unary_rpc_method_handler(behavior, deserializer, serializer)
+    if handler.response_streaming:
+        return grpc.unary_stream_rpc_method_handler(behavior, deserializer, serializer)
+    return grpc.unary_unary_rpc_method_handler(behavior, deserializer, serializer)
