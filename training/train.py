@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import ctypes
 import logging
 import math
-import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -300,25 +298,6 @@ def _evaluate(
     return {"recall@10": hits10 / n, "recall@50": hits50 / n, "ndcg@10": ndcg / n}
 
 
-def _keep_freed_memory() -> None:
-    """Stop glibc handing freed tensor buffers back to the kernel between steps.
-
-    Every step allocates and frees the same few-MB tensors; by default glibc
-    serves them from fresh mmap'd pages, and on a VM the page faults cost more
-    than the arithmetic (an epoch ran ~15% faster without them). The process
-    keeps its peak heap instead. A no-op off Linux/glibc.
-    """
-    if not sys.platform.startswith("linux"):
-        return
-    try:
-        mallopt = ctypes.CDLL("libc.so.6").mallopt
-    except (OSError, AttributeError):
-        return
-    m_trim_threshold, m_mmap_threshold = -1, -3
-    mallopt(m_mmap_threshold, 32 << 20)
-    mallopt(m_trim_threshold, 512 << 20)
-
-
 class _Batches:
     """Training examples as tensors; `make` turns a slice of them into a Batch.
 
@@ -442,7 +421,6 @@ class _Validation:
 def train(dataset: Dataset, config: TrainConfig, *, progress: bool = True) -> TrainedModel:
     """Train on all but each shopper's latest new item; keep the epoch best on NDCG@10."""
     began = time.perf_counter()
-    _keep_freed_memory()
     torch.manual_seed(config.seed)
     torch.set_num_threads(config.threads)
     rng = np.random.default_rng(config.seed)
