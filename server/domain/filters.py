@@ -48,17 +48,35 @@ def clear_ids(bits: npt.NDArray[np.uint64], ids: npt.NDArray[np.int64]) -> None:
 
 def test_ids(bits: npt.NDArray[np.uint64], ids: npt.NDArray[np.int64]) -> npt.NDArray[np.bool_]:
     """Whether each of `ids` has its bit set."""
-    return ((bits[ids >> 6] >> (ids & 63).astype(U64)) & U64(1)).astype(bool)
+    out: npt.NDArray[np.bool_] = ((bits[ids >> 6] >> (ids & 63).astype(U64)) & U64(1)).astype(bool)
+    return out
+
+
+# Set-bit positions of every byte value, for to_ids: _BYTE_BITS[_BYTE_START[v]:][:popcount(v)].
+_BYTE_COUNT = np.array([bin(v).count("1") for v in range(256)], dtype=np.int64)
+_BYTE_START = np.concatenate([[0], np.cumsum(_BYTE_COUNT)[:-1]]).astype(np.int64)
+_BYTE_BITS = np.array([j for v in range(256) for j in range(8) if v >> j & 1], dtype=np.int64)
 
 
 def to_ids(bits: npt.NDArray[np.uint64]) -> npt.NDArray[np.int64]:
-    """Ascending ids of the set bits; cost grows with the non-zero words only."""
-    nz = np.flatnonzero(bits)
-    if nz.size == 0:
+    """Ascending ids of the set bits; cost grows with the non-zero bytes only.
+
+    Non-zero words, then their non-zero bytes, then each byte's set bits from a
+    256-entry table: no 64-way unpacking of every word (4-5x faster at 1-5%
+    density on 1M items).
+    """
+    nz_words = np.flatnonzero(bits)
+    if nz_words.size == 0:
         return np.empty(0, dtype=np.int64)
-    unpacked = np.unpackbits(bits[nz].view(np.uint8), bitorder="little").reshape(-1, 64)
-    rows, cols = np.nonzero(unpacked)
-    return nz[rows].astype(np.int64) * 64 + cols
+    as_bytes = bits[nz_words].view(np.uint8)
+    nz_bytes = np.flatnonzero(as_bytes)
+    values = as_bytes[nz_bytes]
+    per_byte = _BYTE_COUNT[values]
+    first_bit = (nz_words[nz_bytes >> 3].astype(np.int64) << 6) + ((nz_bytes & 7) << 3)
+    owner = np.repeat(np.arange(values.shape[0]), per_byte)
+    rank = np.arange(owner.shape[0]) - (np.cumsum(per_byte) - per_byte)[owner]
+    out: npt.NDArray[np.int64] = first_bit[owner] + _BYTE_BITS[_BYTE_START[values][owner] + rank]
+    return out
 
 
 def count(bits: npt.NDArray[np.uint64]) -> int:
@@ -95,6 +113,8 @@ class Compiled:
     max_price: float | None
     rate: float
     prices: npt.NDArray[np.float64]  # the catalog's base-currency price column
+    spec: FilterSpec | None = None  # what was compiled, for per-partition estimates
+    source: FilterIndex | None = None
 
     @property
     def has_residual(self) -> bool:
@@ -120,6 +140,12 @@ class Compiled:
     def passing_ids(self) -> npt.NDArray[np.int64]:
         ids = to_ids(self.bits)
         return ids[self.residual(ids)] if self.has_residual else ids
+
+    def partition_estimate(self, partitions: Partitions) -> npt.NDArray[np.float64] | None:
+        """Expected passing items in each partition of `partitions`; None if unknown."""
+        if self.spec is None or self.source is None or self.source.partitions is not partitions:
+            return None
+        return partitions.estimate(self.spec, self.estimate, self.source)
 
 
 def _set(bits: npt.NDArray[np.uint64], row: int, on: bool) -> None:
@@ -160,6 +186,9 @@ class FilterIndex:
         self.n = n
         self.capacity = cap
         self.parent = np.asarray(category_parent)
+        self.category_col = np.full(cap, -1, dtype=np.int32)  # current leaf of each row
+        self.category_col[:n] = category
+        self.partitions: Partitions | None = None
         alive = np.zeros(cap, dtype=bool)
         alive[:n] = True
         self.alive_bits = pack(alive)
@@ -195,7 +224,7 @@ class FilterIndex:
 
     def ancestors(self, category: int) -> list[int]:
         """The category and its ancestors, leaf first."""
-        chain = []
+        chain: list[int] = []
         c = category
         while c >= 0 and len(chain) <= self.parent.shape[0]:
             chain.append(c)
@@ -231,7 +260,10 @@ class FilterIndex:
         countries: npt.NDArray[np.bool_] | None = None,  # (c,) availability
     ) -> None:
         """Apply one item's changed attributes to every bitmap (live catalog)."""
+        if self.partitions is not None:
+            self.partitions.update(self, row, category, price, in_stock, countries)
         if category is not None:
+            self.category_col[row] = category[1]
             old, new = category
             if old >= 0:
                 _set(self.category_bits[self.ancestors(old)], row, False)
@@ -294,10 +326,7 @@ class FilterIndex:
             else:
                 bits[:] = 0
         if spec.min_price is not None or spec.max_price is not None:
-            # Widen by a relative epsilon so base-currency rounding never drops an item.
-            lo = None if spec.min_price is None else spec.min_price / spec.rate * (1 - 1e-9)
-            hi = None if spec.max_price is None else spec.max_price / spec.rate * (1 + 1e-9)
-            bits &= self._price_superset(lo, hi)
+            bits &= self._price_superset(*self._price_bounds(spec))
         if spec.exclude_items:
             clear_ids(bits, np.asarray(spec.exclude_items, dtype=np.int64))
         return Compiled(
@@ -307,7 +336,21 @@ class FilterIndex:
             max_price=spec.max_price,
             rate=spec.rate,
             prices=self.price,
+            spec=spec,
+            source=self,
         )
+
+    def attach_partitions(self, assign: npt.NDArray[np.int32], n_parts: int) -> Partitions:
+        """Count attribute values per partition (e.g. IVF list) of rows 0..len(assign)-1,
+        kept current from here on by `update_item`. Replaces earlier partitions."""
+        self.partitions = Partitions(self, assign, n_parts)
+        return self.partitions
+
+    def _price_bounds(self, spec: FilterSpec) -> tuple[float | None, float | None]:
+        """The price bounds in base currency, widened so rounding never drops an item."""
+        lo = None if spec.min_price is None else spec.min_price / spec.rate * (1 - 1e-9)
+        hi = None if spec.max_price is None else spec.max_price / spec.rate * (1 + 1e-9)
+        return lo, hi
 
     def _price_superset(self, lo: float | None, hi: float | None) -> npt.NDArray[np.uint64]:
         edges = self.price_edges
@@ -321,3 +364,130 @@ class FilterIndex:
             if i >= 0:
                 bits &= ~self.price_le_bits[i]
         return bits
+
+
+class Partitions:
+    """How many items of each attribute value sit in each partition (IVF list) of a search
+    index: (values, partitions) count tables for categories (with their ancestors),
+    countries, stock and cumulative price buckets.
+
+    `estimate` multiplies the per-partition pass rates of a request's filters
+    (independence between attributes within a partition, rescaled to the exact
+    catalog-wide count), so a filtered search can probe the partitions where
+    passing items actually are instead of assuming they are spread evenly.
+    Brand filters use the brand id lists; excluded ids are ignored.
+    """
+
+    def __init__(self, fi: FilterIndex, assign: npt.NDArray[np.int32], n_parts: int) -> None:
+        rows = int(assign.shape[0])
+        p = n_parts
+        self.assign = np.ascontiguousarray(assign, dtype=np.int32)
+        self.n_rows = rows
+        self.n_parts = p
+        a64 = self.assign.astype(np.int64)
+        self.size = np.bincount(a64, minlength=p).astype(np.int32)
+        n_cat = int(fi.parent.shape[0])
+        cat = fi.category_col[:rows].astype(np.int64)
+        known = cat >= 0
+        leaf = np.bincount(cat[known] * p + a64[known], minlength=n_cat * p).reshape(n_cat, p)
+        self.category = np.zeros((n_cat, p), dtype=np.int32)
+        for c in np.flatnonzero(leaf.any(axis=1)).tolist():
+            self.category[fi.ancestors(c)] += leaf[c].astype(np.int32)
+        self.country = (
+            np.stack([self._per_part(fi.country_bits[c]) for c in range(fi.country_bits.shape[0])])
+            if fi.country_bits.shape[0]
+            else np.zeros((0, p), dtype=np.int32)
+        )
+        self.stock = self._per_part(fi.stock_bits)
+        n_edges = int(fi.price_edges.shape[0])
+        bucket = np.searchsorted(fi.price_edges, fi.price[:rows], side="left").astype(np.int64)
+        per_bucket = np.bincount(bucket * p + a64, minlength=(n_edges + 1) * p)
+        self.price_le = np.cumsum(per_bucket.reshape(n_edges + 1, p), axis=0)[:n_edges].astype(
+            np.int32
+        )
+
+    def _per_part(self, bits: npt.NDArray[np.uint64]) -> npt.NDArray[np.int32]:
+        ids = to_ids(bits)
+        ids = ids[ids < self.n_rows]
+        return np.bincount(self.assign[ids], minlength=self.n_parts).astype(np.int32)
+
+    def update(
+        self,
+        fi: FilterIndex,
+        row: int,
+        category: tuple[int, int] | None,
+        price: tuple[float | None, float] | None,
+        in_stock: bool | None,
+        countries: npt.NDArray[np.bool_] | None,
+    ) -> None:
+        """Move one row's counts to its new attribute values (before `fi` changes)."""
+        if row >= self.n_rows:
+            return
+        part = int(self.assign[row])
+        if category is not None:
+            old, new = category
+            if old >= 0:
+                self.category[fi.ancestors(old), part] -= 1
+            self.category[fi.ancestors(new), part] += 1
+        if price is not None:
+            old_price, new_price = price
+            if old_price is not None:
+                self.price_le[fi._price_bucket(old_price) :, part] -= 1
+            self.price_le[fi._price_bucket(new_price) :, part] += 1
+        word, bit = row >> 6, U64(row & 63)
+        if in_stock is not None:
+            was = bool((fi.stock_bits[word] >> bit) & U64(1))
+            self.stock[part] += int(in_stock) - int(was)
+        if countries is not None:
+            was_in = ((fi.country_bits[:, word] >> bit) & U64(1)).astype(np.int32)
+            self.country[:, part] += countries.astype(np.int32) - was_in
+
+    def estimate(self, spec: FilterSpec, total: int, fi: FilterIndex) -> npt.NDArray[np.float64]:
+        """(n_parts,) expected passing items per partition, summing to `total`."""
+        size = self.size.astype(np.float64)
+        safe = np.maximum(size, 1.0)
+        est = size.copy()
+        if spec.country is not None:
+            if spec.country < 0:
+                return np.zeros_like(est)
+            est *= self.country[spec.country] / safe
+        if spec.in_stock_only:
+            est *= self.stock / safe
+        if spec.include_categories is not None:
+            if not spec.include_categories:
+                return np.zeros_like(est)
+            inc = self.category[list(spec.include_categories)].sum(axis=0)
+            est *= np.minimum(inc, size) / safe
+        if spec.require_category is not None:
+            est *= self.category[spec.require_category] / safe
+        if spec.exclude_categories:
+            exc = self.category[list(spec.exclude_categories)].sum(axis=0)
+            est *= 1.0 - np.minimum(exc, size) / safe
+        if spec.min_price is not None or spec.max_price is not None:
+            lo, hi = fi._price_bounds(spec)
+            edges = fi.price_edges
+            upper = size
+            if hi is not None:
+                j = int(np.searchsorted(edges, hi, side="left"))
+                if j < edges.shape[0]:
+                    upper = self.price_le[j].astype(np.float64)
+            lower = np.zeros_like(size)
+            if lo is not None:
+                i = int(np.searchsorted(edges, lo, side="left")) - 1
+                if i >= 0:
+                    lower = self.price_le[i].astype(np.float64)
+            est *= np.maximum(upper - lower, 0.0) / safe
+        if spec.brands is not None:
+            picked = [
+                fi.brand_items[fi.brand_indptr[b] : fi.brand_indptr[b + 1]]
+                for b in spec.brands
+                if b < fi.brand_indptr.shape[0] - 1
+            ]
+            ids = np.concatenate(picked) if picked else np.empty(0, np.int64)
+            ids = ids[ids < self.n_rows]
+            in_brand = np.bincount(self.assign[ids], minlength=self.n_parts)
+            est *= in_brand / safe
+        got = float(est.sum())
+        if got > 0:
+            est *= total / got
+        return est

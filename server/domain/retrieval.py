@@ -1,12 +1,20 @@
 """Filtered retrieval: choose a plan per request from the number of passing items.
 
 Plans (see shared/notes/filtered-retrieval.md for the measurements behind them):
-  exact  fewer than `exact_scan_max_items` pass: score exactly the passing items.
-  ann    many pass: IVF search restricted by IDSelectorBitmap, nprobe scaled with
-         1/selectivity so recall holds; over-fetch, mask, truncate; if the
-         result is short, fall back to exact.
+  exact  fewer than `exact_scan_max_items` pass, or scanning the IVF lists that
+         hold enough of them would cost more: score exactly the passing items.
+  ann    many pass: IVF search restricted by IDSelectorBitmap over the lists
+         chosen for this filter (nearest centroids first, skipping lists with no
+         passing items, until about ann_min_nprobe lists' worth of passing items
+         is scanned; a filter correlated with the embedding space, like a
+         category, so probes where its items are); over-fetch, mask, truncate;
+         if the result is short, fall back to exact.
   popularity  cold start: segment bestsellers, then catalog bestsellers, within
          the same filters.
+
+The FAISS index is never written to: rows added live (UpsertItems) are scored
+exactly and merged, so the index can be a read-only memory map shared by
+every serving process on a host.
 """
 
 from __future__ import annotations
@@ -14,12 +22,13 @@ from __future__ import annotations
 import enum
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import faiss
 import numpy as np
 import numpy.typing as npt
 
-from server.domain.filters import Compiled, test_ids
+from server.domain.filters import Compiled, Partitions, n_words, test_ids, to_ids
 from server.domain.ranking import top_k
 
 
@@ -91,6 +100,41 @@ class SearchTuning:
     ann_overfetch: float = 1.5
 
 
+# Plan cost model (ns, one thread), from shared/notes/filtered-retrieval.md and
+# benchmarks/: an IVF probe pays per list and per id checked against the bitmap;
+# an exact scan pays per passing item (gather + dot product).
+_NS_PER_LIST = 150.0
+_NS_PER_LISTED_ID = 3.5
+_NS_ANN_FIXED = 40_000.0
+_NS_PER_EXACT_ITEM = 20.0
+# IVF-PQ scores are approximate: fetch this many times more, rescore exactly.
+_COMPRESSED_OVERFETCH = 4
+
+
+def _ivf_params(selector: faiss.IDSelector, nprobe: int) -> faiss.SearchParametersIVF:
+    params = faiss.SearchParametersIVF()
+    params.sel = selector
+    params.nprobe = nprobe
+    return params
+
+
+class IVFLayout:
+    """The coarse partition of an IVF index: centroids, list sizes, and each row's list."""
+
+    def __init__(self, ivf: faiss.IndexIVF) -> None:
+        nlist = int(ivf.nlist)
+        self.nlist = nlist
+        self.centroids = np.ascontiguousarray(ivf.quantizer.reconstruct_n(0, nlist))
+        invlists = ivf.invlists
+        assert invlists is not None
+        self.sizes = np.array([invlists.list_size(i) for i in range(nlist)], dtype=np.int64)
+        self.assign = np.full(int(ivf.ntotal), -1, dtype=np.int32)
+        for i in np.flatnonzero(self.sizes).tolist():
+            ids = faiss.rev_swig_ptr(invlists.get_ids(i), int(self.sizes[i]))
+            self.assign[np.asarray(ids, dtype=np.int64)] = i
+        self.exact_codes = isinstance(faiss.downcast_index(ivf), faiss.IndexIVFFlat)
+
+
 class Retriever:
     """Inner-product retrieval over one artifact's embeddings and FAISS index."""
 
@@ -112,26 +156,29 @@ class Retriever:
         self.popular_order = np.lexsort((np.arange(n), -np.asarray(popularity))).astype(np.int64)
         self.popular_rank = np.full(vectors.live.shape[0] + n, n, dtype=np.int64)
         self.popular_rank[self.popular_order] = np.arange(n)
+        self.n_index = int(index.ntotal)  # rows the index holds; later rows are live
         try:
             self._ivf: faiss.IndexIVF | None = faiss.extract_index_ivf(index)
         except RuntimeError:
             self._ivf = None
+        # Probing lists ourselves needs the index to *be* the IVF (no wrapper).
+        direct = self._ivf is not None and isinstance(faiss.downcast_index(index), faiss.IndexIVF)
+        self.layout = IVFLayout(self._ivf) if direct and self._ivf is not None else None
+        self._exact_codes = self.layout.exact_codes if self.layout else self._ivf is None
 
     @property
     def n(self) -> int:
         return self.vectors.n
 
     def add(self, rows: npt.NDArray[np.int64], vectors: npt.NDArray[np.float32]) -> None:
-        """Make new rows searchable (rows must continue the index's id sequence)."""
+        """Make new rows searchable (rows must continue the row sequence). They are
+        scored exactly next to the index, which stays read-only."""
         if rows.size == 0:
             return
-        if int(rows[0]) != self.index.ntotal:
-            raise RuntimeError(
-                f"live rows start at {int(rows[0])}, index holds {self.index.ntotal}"
-            )
+        if int(rows[0]) != self.vectors.n:
+            raise RuntimeError(f"live rows start at {int(rows[0])}, expected {self.vectors.n}")
         for row, vec in zip(rows.tolist(), vectors, strict=True):
             self.vectors.set_live(row, vec)
-        self.index.add(np.ascontiguousarray(vectors, dtype=np.float32))
         self.popular_order = np.concatenate([self.popular_order, rows])
 
     # Personalised and item-to-item search.
@@ -143,7 +190,9 @@ class Retriever:
             )
         if flt.estimate <= self.tuning.exact_scan_max_items:
             return self.exact(query, flt, k)
-        found = self._ann(query, flt, k)
+        found = self._ann(np.ascontiguousarray(query, dtype=np.float32), flt, k)
+        if found is None:  # probing the lists that hold passing items would cost more
+            return self.exact(query, flt, k)
         if found.ids.shape[0] >= k:
             return found
         # Approximate search came back short although enough items pass: scan.
@@ -157,21 +206,103 @@ class Retriever:
         ids, scores = top_k(ids, scores.astype(np.float32, copy=False), k)
         return Results.of(ids, scores, Provenance.EXACT_SCAN, plan)
 
-    def _ann(self, query: npt.NDArray[np.float32], flt: Compiled, k: int) -> Results:
-        fetch = min(self.n, max(k, math.ceil(k * self.tuning.ann_overfetch)))
+    def partitions(self, flt: Compiled) -> Partitions | None:
+        """The per-list attribute counts of `flt`'s filter index for this IVF, counted on
+        first use (load's smoke query) and kept current by the filter index."""
+        if self.layout is None or flt.source is None:
+            return None
+        parts = flt.source.partitions
+        if parts is None or parts.assign is not self.layout.assign:
+            parts = flt.source.attach_partitions(self.layout.assign, self.layout.nlist)
+        return parts
+
+    def probes(
+        self, query: npt.NDArray[np.float32], flt: Compiled
+    ) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.float32]] | None:
+        """(lists, centroid scores) to probe for this filter, best first; None when the
+        filter's per-list counts are unknown."""
+        layout = self.layout
+        parts = self.partitions(flt)
+        est = flt.partition_estimate(parts) if parts is not None else None
+        if layout is None or est is None:
+            return None
+        cs = layout.centroids @ query
+        holding = np.flatnonzero(est > 0)
+        order = holding[np.argsort(-cs[holding], kind="stable")]
+        # As many passing items as an unfiltered search scans in ann_min_nprobe lists.
+        target = min(self.tuning.ann_min_nprobe * self.n_index / layout.nlist, float(est.sum()))
+        m = int(np.searchsorted(np.cumsum(est[order]), target * (1 - 1e-9))) + 1
+        lists = order[: min(m, order.shape[0])]
+        return lists, cs[lists].astype(np.float32)
+
+    def _ann(self, query: npt.NDArray[np.float32], flt: Compiled, k: int) -> Results | None:
+        fetch = max(k, math.ceil(k * self.tuning.ann_overfetch))
+        if not self._exact_codes:
+            fetch *= _COMPRESSED_OVERFETCH
+        fetch = min(self.n_index, fetch)
         selector = faiss.IDSelectorBitmap(flt.bits.nbytes, faiss.swig_ptr(flt.bits.view(np.uint8)))
-        if self._ivf is not None:
-            selectivity = flt.estimate / self.n
-            nprobe = min(self._ivf.nlist, math.ceil(self.tuning.ann_min_nprobe / selectivity))
-            params: faiss.SearchParameters = faiss.SearchParametersIVF(sel=selector, nprobe=nprobe)
+        chosen = self.probes(query, flt)
+        if chosen is not None and self._ivf is not None:
+            lists, coarse = chosen
+            assert self.layout is not None
+            listed = float(self.layout.sizes[lists].sum())
+            ann_ns = _NS_ANN_FIXED + _NS_PER_LIST * lists.shape[0] + _NS_PER_LISTED_ID * listed
+            if _NS_PER_EXACT_ITEM * flt.estimate < ann_ns:
+                return None
+            scores = np.empty((1, fetch), dtype=np.float32)
+            ids = np.empty((1, fetch), dtype=np.int64)
+            keys = np.ascontiguousarray(lists.reshape(1, -1), dtype=np.int64)
+            coarse = np.ascontiguousarray(coarse.reshape(1, -1))
+            ivf: Any = self._ivf  # search_preassigned_c (with params) is not in faiss's stubs
+            ivf.search_preassigned_c(
+                1,
+                faiss.swig_ptr(query),
+                fetch,
+                faiss.swig_ptr(keys),
+                faiss.swig_ptr(coarse),
+                faiss.swig_ptr(scores),
+                faiss.swig_ptr(ids),
+                False,
+                _ivf_params(selector, int(lists.shape[0])),
+            )
         else:
-            params = faiss.SearchParameters(sel=selector)
-        scores, ids = self.index.search(query.reshape(1, -1), fetch, params=params)
+            params = faiss.SearchParameters()
+            params.sel = selector
+            if self._ivf is not None:
+                selectivity = flt.estimate / self.n
+                nprobe = min(self._ivf.nlist, math.ceil(self.tuning.ann_min_nprobe / selectivity))
+                params = _ivf_params(selector, nprobe)
+            scores, ids = self.index.search(query.reshape(1, -1), fetch, params=params)
         ids64 = ids[0].astype(np.int64)
         keep = ids64 >= 0
         if flt.has_residual:
             keep[keep] = flt.residual(ids64[keep])
-        return Results.of(ids64[keep][:k], scores[0][keep][:k], Provenance.ANN_RETRIEVAL, "ann")
+        found_ids, found_scores = ids64[keep], scores[0][keep]
+        if not self._exact_codes and found_ids.size:
+            found_scores = (self.vectors.take(found_ids) @ query).astype(np.float32)
+        live_ids, live_scores = self._live(query, flt)
+        if live_ids.size:
+            found_ids = np.concatenate([found_ids, live_ids])
+            found_scores = np.concatenate([found_scores, live_scores])
+        if live_ids.size or not self._exact_codes:
+            found_ids, found_scores = top_k(found_ids, found_scores, k)
+        else:
+            found_ids, found_scores = found_ids[:k], found_scores[:k]
+        return Results.of(found_ids, found_scores, Provenance.ANN_RETRIEVAL, "ann")
+
+    def _live(
+        self, query: npt.NDArray[np.float32], flt: Compiled
+    ) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.float32]]:
+        """Rows added after the index was built that pass `flt`, scored exactly."""
+        n = self.vectors.n
+        if n <= self.n_index:
+            return np.empty(0, np.int64), np.empty(0, np.float32)
+        first = self.n_index >> 6
+        ids = to_ids(flt.bits[first : n_words(n)]) + first * 64
+        ids = ids[(ids >= self.n_index) & (ids < n)]
+        if flt.has_residual:
+            ids = ids[flt.residual(ids)]
+        return ids, (self.vectors.take(ids) @ query).astype(np.float32)
 
     # Cold start.
     def popular(self, segment: tuple[int, int], flt: Compiled, k: int) -> Results:
