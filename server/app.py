@@ -29,6 +29,7 @@ from server.domain.strategy import StrategyConfigError
 from server.domain.strategy import load as load_strategies
 from server.infra.metrics import Metrics, default_metrics
 from server.infra.settings import Settings
+from server.infra.threads import limit_blas_threads
 from server.state.eventlog import EventLog
 from server.state.redis_store import RedisStore, ResilientStore
 from server.state.store import MemoryStore, StateStore
@@ -176,6 +177,7 @@ def _iso_to_unix(stamp: str) -> float:
 async def start(settings: Settings, metrics: Metrics | None = None) -> Running:
     """Bind and start the gRPC server, NOT_SERVING until an engine is published."""
     faiss.omp_set_num_threads(settings.omp_threads)
+    limit_blas_threads(settings.omp_threads)
     metrics = metrics or default_metrics()
     holder = EngineHolder()
     store = build_store(settings, metrics)
