@@ -199,7 +199,7 @@ async def start(settings: Settings, metrics: Metrics | None = None) -> Running:
         ("grpc.max_connection_age_grace_ms", int(settings.grace_s * 1000)),
         ("grpc.keepalive_permit_without_calls", 1),
         ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
-        ("grpc.so_reuseport", 0),
+        ("grpc.so_reuseport", 1 if settings.reuse_port else 0),
     ]
     interceptors = [MetricsInterceptor(metrics), DecodeInterceptor()]
     server = grpc.aio.server(interceptors=interceptors, options=options)
@@ -268,6 +268,10 @@ async def _watch_latest(running: Running, interval_s: float) -> None:
 
 async def serve(settings: Settings) -> int:
     """Run until SIGTERM/SIGINT. Returns the process exit code."""
+    if settings.workers > 1:
+        from server.workers import supervise
+
+        return await supervise(settings)
     loop = asyncio.get_running_loop()
     if settings.metrics_port:
         start_http_server(settings.metrics_port, addr=settings.host)

@@ -26,6 +26,8 @@ class Settings:
     metrics_port: int = 9100  # 0 disables the metrics HTTP endpoint
     omp_threads: int = 1  # FAISS OpenMP threads per search; >1 oversubscribes pool threads
     pool_threads: int = 2  # threads for work too long to run on the event loop
+    workers: int = 1  # >1: this many serving processes share the port (SO_REUSEPORT)
+    reuse_port: bool = False  # bind with SO_REUSEPORT (set for each worker)
     exact_scan_max_items: int = 20_000  # fewer passing items than this: exact scan
     ann_min_nprobe: int = 8
     ann_overfetch: float = 1.5  # fetch k * this from ANN, then mask and truncate
@@ -68,7 +70,15 @@ class Settings:
             value = getattr(self, name)
             if not 0 <= value <= 65535:
                 raise SettingsError(f"{name} must be in [0, 65535], got {value}")
-        for name in ("omp_threads", "pool_threads", "exact_scan_max_items", "ann_min_nprobe"):
+        if self.workers > 1 and self.port == 0:
+            raise SettingsError("port must be fixed (not 0) when workers > 1")
+        for name in (
+            "omp_threads",
+            "pool_threads",
+            "workers",
+            "exact_scan_max_items",
+            "ann_min_nprobe",
+        ):
             if getattr(self, name) < 1:
                 raise SettingsError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.ann_overfetch < 1.0:
