@@ -53,14 +53,17 @@ SCHEMA: dict[str, tuple[str, tuple[str, ...]]] = {
     # Model: items.
     "item_embeddings": ("float32", ("n", "d")),
     # Item tower for items unseen in training: category + brand + price bucket.
-    "item_tower_category": ("float32", ("k", "d")),
+    "item_tower_category": ("float32", ("k", "d")),  # a category's vector + its ancestors'
     "item_tower_brand": ("float32", ("b", "d")),
     "item_tower_price": ("float32", ("p", "d")),
     "price_bucket_edges": ("float64", ("p-1",)),  # base currency, ascending
     # Model: users and context. The query vector is
     #   q = user_embeddings[u] + history_projection @ mean(item_embeddings[recent])
     #       + context_device[device] + context_country[country]
-    # with absent parts contributing zero; score(i) = q . item_embeddings[i].
+    # where a shopper without a trained row or history contributes zero for those
+    # terms, while a missing device or country uses its learned "unknown" row
+    # (device 0, the last country row); score(i) = q . item_embeddings[i].
+    # History lists collapse back-to-back events on one item into one entry.
     "user_ids": ("U", ("u",)),
     "user_embeddings": ("float32", ("u", "d")),
     "user_history_indptr": ("int64", ("u+1",)),
