@@ -28,11 +28,13 @@ from server.domain.retrieval import SearchTuning
 from server.domain.strategy import StrategyConfigError
 from server.domain.strategy import load as load_strategies
 from server.infra.metrics import Metrics, default_metrics
-from server.infra.settings import Settings
+from server.infra.settings import Settings, SettingsError
 from server.infra.threads import limit_blas_threads
+from server.infra.tls import server_credentials
 from server.state.eventlog import EventLog
 from server.state.redis_store import RedisStore, ResilientStore
 from server.state.store import MemoryStore, StateStore
+from server.transport import auth
 from server.transport.decode import DecodeInterceptor
 from server.transport.interceptors import MetricsInterceptor
 from server.transport.servicer import EngineHolder, RecommenderServicer
@@ -179,6 +181,8 @@ async def start(settings: Settings, metrics: Metrics | None = None) -> Running:
     faiss.omp_set_num_threads(settings.omp_threads)
     limit_blas_threads(settings.omp_threads)
     metrics = metrics or default_metrics()
+    edge = auth.interceptors(settings)  # first: a bad key file fails before anything opens
+    credentials = server_credentials(settings)
     holder = EngineHolder()
     store = build_store(settings, metrics)
     events = None
@@ -201,7 +205,7 @@ async def start(settings: Settings, metrics: Metrics | None = None) -> Running:
         ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
         ("grpc.so_reuseport", 1 if settings.reuse_port else 0),
     ]
-    interceptors = [MetricsInterceptor(metrics), DecodeInterceptor()]
+    interceptors = [MetricsInterceptor(metrics), *edge, DecodeInterceptor()]
     server = grpc.aio.server(interceptors=interceptors, options=options)
     recommender_pb2_grpc.add_RecommenderServicer_to_server(
         RecommenderServicer(holder, metrics, store, events, reload), server
@@ -216,7 +220,12 @@ async def start(settings: Settings, metrics: Metrics | None = None) -> Running:
         ),
         server,
     )
-    port = server.add_insecure_port(f"{settings.host}:{settings.port}")
+    address = f"{settings.host}:{settings.port}"
+    if credentials is None:
+        port = server.add_insecure_port(address)
+    else:
+        port = server.add_secure_port(address, credentials)
+        log.info("TLS on%s", " with client certificates required" if settings.tls_client_ca else "")
     await server.start()
     running = Running(
         settings=settings,
@@ -276,7 +285,11 @@ async def serve(settings: Settings) -> int:
     if settings.metrics_port:
         start_http_server(settings.metrics_port, addr=settings.host)
         log.info("metrics on http://%s:%d/metrics", settings.host, settings.metrics_port)
-    running = await start(settings)
+    try:
+        running = await start(settings)
+    except SettingsError as exc:
+        log.error("cannot serve: %s", exc)
+        return 2
     log.info(
         "gRPC listening on %s:%d (NOT_SERVING until the model loads)", settings.host, running.port
     )

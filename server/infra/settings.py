@@ -45,6 +45,10 @@ class Settings:
     experiments: str = ""  # TOML/JSON experiments file; "" = no experiments
     strategies: str = ""  # TOML placement strategies overriding the defaults; "" = defaults
     max_message_bytes: int = 4 * 1024 * 1024
+    tls_cert: str = ""  # PEM certificate chain: serve TLS (with tls_key)
+    tls_key: str = ""  # PEM private key of tls_cert
+    tls_client_ca: str = ""  # PEM CA bundle: require client certificates it signed (mTLS)
+    api_keys_file: str = ""  # "<key> <role>[,<role>]" lines: every Recommender call needs a key
     max_connection_age_s: float = 300.0  # clients reconnect (and re-resolve) this often
     wait_for_artifact_s: float = (
         0.0  # >0: start NOT_SERVING and wait this long for a first artifact
@@ -98,6 +102,10 @@ class Settings:
         ):
             if getattr(self, name) < 0:
                 raise SettingsError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if bool(self.tls_cert) != bool(self.tls_key):
+            raise SettingsError("tls_cert and tls_key must be set together")
+        if self.tls_client_ca and not self.tls_cert:
+            raise SettingsError("tls_client_ca (mutual TLS) needs tls_cert and tls_key")
         if self.log_level.upper() not in {"DEBUG", "INFO", "WARNING", "ERROR"}:
             raise SettingsError(
                 f"log_level must be DEBUG, INFO, WARNING or ERROR, got {self.log_level}"

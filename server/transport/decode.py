@@ -14,7 +14,7 @@ from typing import Any
 import grpc
 from google.protobuf.message import DecodeError
 
-from server.transport.handlers import rebuild
+from server.transport.handlers import Behavior, Handler, behavior_of, rebuild
 
 Ctx = grpc.aio.ServicerContext[Any, Any]
 
@@ -27,13 +27,13 @@ class DecodeInterceptor(grpc.aio.ServerInterceptor):
     """
 
     def __init__(self) -> None:
-        self._cache: dict[str, grpc.RpcMethodHandler] = {}
+        self._cache: dict[str, Handler] = {}
 
     async def intercept_service(
         self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[Handler | None]],
         handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler:
+    ) -> Handler | None:
         method = handler_call_details.method
         cached = self._cache.get(method)
         if cached is not None:
@@ -42,14 +42,9 @@ class DecodeInterceptor(grpc.aio.ServerInterceptor):
         parse = None if handler is None else handler.request_deserializer
         if handler is None or parse is None or handler.response_streaming:
             return handler
-        if handler.request_streaming:
-            wrapped = rebuild(
-                handler, _stream(parse, handler.stream_unary), request_deserializer=None
-            )
-        else:
-            wrapped = rebuild(
-                handler, _unary(parse, handler.unary_unary), request_deserializer=None
-            )
+        behavior = behavior_of(handler)
+        wrap = _stream if handler.request_streaming else _unary
+        wrapped = rebuild(handler, wrap(parse, behavior), request_deserializer=None)
         self._cache[method] = wrapped
         return wrapped
 
@@ -62,18 +57,14 @@ async def _decode(parse: Callable[[bytes], Any], raw: bytes, context: Ctx) -> An
         await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"malformed request: {exc}")
 
 
-def _unary(
-    parse: Callable[[bytes], Any], behavior: Callable[[Any, Ctx], Awaitable[Any]]
-) -> Callable[[bytes, Ctx], Awaitable[Any]]:
+def _unary(parse: Callable[[bytes], Any], behavior: Behavior) -> Behavior:
     async def decoded(raw: bytes, context: Ctx) -> Any:
         return await behavior(await _decode(parse, raw, context), context)
 
     return decoded
 
 
-def _stream(
-    parse: Callable[[bytes], Any], behavior: Callable[[AsyncIterator[Any], Ctx], Awaitable[Any]]
-) -> Callable[[AsyncIterator[bytes], Ctx], Awaitable[Any]]:
+def _stream(parse: Callable[[bytes], Any], behavior: Behavior) -> Behavior:
     async def decoded(raw_iterator: AsyncIterator[bytes], context: Ctx) -> Any:
         async def requests() -> AsyncIterator[Any]:
             async for raw in raw_iterator:

@@ -3,28 +3,34 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypeAlias
 
 import grpc
+
+if TYPE_CHECKING:
+    Handler: TypeAlias = grpc.RpcMethodHandler[Any, Any]
+else:
+    Handler = grpc.RpcMethodHandler
 
 Behavior = Callable[..., Any]
 _SAME: Any = object()
 
 
-def behavior_of(handler: grpc.RpcMethodHandler) -> Behavior:
+def behavior_of(handler: Handler) -> Behavior:
     """The one behaviour a handler carries, whatever its kind."""
-    behavior: Behavior = (
+    behavior = (
         handler.unary_unary or handler.unary_stream or handler.stream_unary or handler.stream_stream
     )
+    assert behavior is not None, "a method handler without a behaviour"
     return behavior
 
 
 def rebuild(
-    handler: grpc.RpcMethodHandler,
+    handler: Handler,
     behavior: Behavior,
     *,
     request_deserializer: Callable[[bytes], Any] | None = _SAME,
-) -> grpc.RpcMethodHandler:
+) -> Handler:
     """A handler of the same kind running `behavior`; the deserializer may be swapped
     (None hands the behaviour raw bytes)."""
     deserializer = (
