@@ -83,12 +83,14 @@ class TrainConfig:
 
 @dataclass(frozen=True, slots=True)
 class EpochStats:
-    """One epoch: mean training loss, validation metrics, wall time."""
+    """One epoch: mean training loss, validation metrics, wall time, and the loss curve
+    (mean loss over each of up to ~100 equal runs of batches, in order)."""
 
     epoch: int
     loss: float
     metrics: dict[str, float]
     seconds: float
+    batch_losses: tuple[float, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -269,6 +271,16 @@ def _csr_take(
     return out, values[idx]
 
 
+# Scores held at once while ranking (floats): 128 MB, so a 1M-item catalog
+# scores ~32 rows at a time instead of 1024 (4 GB, plus as much for top-k).
+SCORE_BUDGET = 1 << 25
+
+
+def score_rows(n_items: int, most: int = 1024) -> int:
+    """Rows to score at once so that rows x n_items stays within SCORE_BUDGET."""
+    return max(1, min(most, SCORE_BUDGET // max(n_items, 1)))
+
+
 def _evaluate(
     scores_fn: Callable[[npt.NDArray[np.int64]], torch.Tensor],
     seen_indptr: npt.NDArray[np.int64],
@@ -394,6 +406,7 @@ class _Validation:
             self.seen_indptr,
             self.seen_items,
             self.targets,
+            chunk=score_rows(self.batches.n_items),
         )
 
     @torch.no_grad()
@@ -415,16 +428,41 @@ class _Validation:
             )
             return query @ items.T
 
-        return _evaluate(scores, self.seen_indptr, self.seen_items, self.targets)
+        return _evaluate(
+            scores,
+            self.seen_indptr,
+            self.seen_items,
+            self.targets,
+            chunk=score_rows(self.batches.n_items),
+        )
 
 
-def train(dataset: Dataset, config: TrainConfig, *, progress: bool = True) -> TrainedModel:
-    """Train on all but each shopper's latest new item; keep the epoch best on NDCG@10."""
+def train(
+    dataset: Dataset,
+    config: TrainConfig,
+    *,
+    progress: bool = True,
+    shard: tuple[int, int] = (0, 1),
+    sync: Callable[[TwoTower], None] | None = None,
+) -> TrainedModel:
+    """Train on all but each shopper's latest new item; keep the epoch best on NDCG@10.
+
+    Data parallel (training.distributed): with shard=(rank, world), each epoch
+    this process trains on its 1/world of the shuffled examples (every rank
+    draws the same permutation) in batches of config.batch_size, and
+    sync(model) runs between backward and the optimizer step to average the
+    gradients across processes. Model init and validation are identical on
+    every rank, so every rank keeps the same weights and stops together.
+    """
     began = time.perf_counter()
+    rank, world = shard
+    if not 0 <= rank < world:
+        raise ValueError(f"shard must be (rank, world) with 0 <= rank < world, got {shard}")
     torch.manual_seed(config.seed)
     torch.set_num_threads(config.threads)
     rng = np.random.default_rng(config.seed)
-    gen = torch.Generator().manual_seed(config.seed)
+    # Each rank draws its own dropout masks and negatives.
+    gen = torch.Generator().manual_seed(config.seed + rank)
     if dataset.n_items < 2:
         raise ValueError(f"training needs at least 2 items, got {dataset.n_items}")
 
@@ -463,11 +501,16 @@ def train(dataset: Dataset, config: TrainConfig, *, progress: bool = True) -> Tr
     best_state: dict[str, torch.Tensor] = {}
     best_ndcg, stale = -1.0, 0
     n_train = split.train_pos.size
-    n_batches = math.ceil(n_train / config.batch_size)
+    n_local = n_train // world if world > 1 else n_train  # equal shards: equal step counts
+    n_batches = math.ceil(n_local / config.batch_size)
+    log_every = max(1, n_batches // 100)
     for epoch in range(1, config.epochs + 1):
         epoch_began = time.perf_counter()
         model.train()
-        order = torch.from_numpy(split.train_pos[rng.permutation(n_train)])
+        shuffled = split.train_pos[rng.permutation(n_train)]
+        order = torch.from_numpy(np.ascontiguousarray(shuffled[rank::world][:n_local]))
+        curve: list[float] = []
+        run_total = 0.0
         total = 0.0
         bar = tqdm(
             range(n_batches),
@@ -487,14 +530,23 @@ def train(dataset: Dataset, config: TrainConfig, *, progress: bool = True) -> Tr
             )
             optimizer.zero_grad()
             loss.backward()  # type: ignore[no-untyped-call]
+            if sync is not None:
+                sync(model)
             optimizer.step()
-            total += float(loss.detach())
+            step_loss = float(loss.detach())
+            total += step_loss
+            run_total += step_loss
+            if (b + 1) % log_every == 0 or b + 1 == n_batches:
+                curve.append(run_total / ((b % log_every) + 1))
+                run_total = 0.0
             if b % 50 == 0:
                 bar.set_postfix(loss=f"{total / (b + 1):.4f}")
         bar.close()
         model.eval()
         metrics = validation.model(model)
-        stats = EpochStats(epoch, total / n_batches, metrics, time.perf_counter() - epoch_began)
+        stats = EpochStats(
+            epoch, total / n_batches, metrics, time.perf_counter() - epoch_began, tuple(curve)
+        )
         history.append(stats)
         summary = (
             f"epoch {epoch}: loss {stats.loss:.4f} "
