@@ -35,6 +35,8 @@ from server.state.eventlog import EventLog
 from server.state.redis_store import RedisStore, ResilientStore
 from server.state.store import MemoryStore, StateStore
 from server.transport import auth
+from server.transport.admission import AdmissionInterceptor
+from server.transport.budget import BudgetPolicy
 from server.transport.decode import DecodeInterceptor
 from server.transport.interceptors import MetricsInterceptor
 from server.transport.servicer import EngineHolder, RecommenderServicer
@@ -205,10 +207,12 @@ async def start(settings: Settings, metrics: Metrics | None = None) -> Running:
         ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
         ("grpc.so_reuseport", 1 if settings.reuse_port else 0),
     ]
-    interceptors = [MetricsInterceptor(metrics), *edge, DecodeInterceptor()]
+    admission = AdmissionInterceptor(settings.max_in_flight, metrics)
+    budget = BudgetPolicy(settings.request_budget_s, settings.fallback_below_s)
+    interceptors = [MetricsInterceptor(metrics), *edge, admission, DecodeInterceptor()]
     server = grpc.aio.server(interceptors=interceptors, options=options)
     recommender_pb2_grpc.add_RecommenderServicer_to_server(
-        RecommenderServicer(holder, metrics, store, events, reload), server
+        RecommenderServicer(holder, metrics, store, events, reload, budget=budget), server
     )
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)

@@ -105,6 +105,23 @@ class Metrics:
             "Unix time the served artifact was built (alert on model age).",
             registry=registry,
         )
+        self.in_flight = Gauge(
+            "endcap_in_flight_requests",
+            "Recommender calls admitted and not yet answered.",
+            registry=registry,
+        )
+        self.shed = Counter(
+            "endcap_shed_total",
+            "Calls refused before running: in_flight (RESOURCE_EXHAUSTED), deadline (already late).",
+            ["reason"],
+            registry=registry,
+        )
+        self.budget_fallbacks = Counter(
+            "endcap_budget_fallbacks_total",
+            "Calls answered from segment popularity because their time budget ran short.",
+            ["method"],
+            registry=registry,
+        )
 
 
 _default: Metrics | None = None

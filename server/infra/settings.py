@@ -45,6 +45,9 @@ class Settings:
     experiments: str = ""  # TOML/JSON experiments file; "" = no experiments
     strategies: str = ""  # TOML placement strategies overriding the defaults; "" = defaults
     max_message_bytes: int = 4 * 1024 * 1024
+    max_in_flight: int = 64  # admitted calls at once; beyond it RESOURCE_EXHAUSTED; 0 = no limit
+    request_budget_s: float = 1.0  # server time per call (the client's deadline if sooner)
+    fallback_below_s: float = 0.005  # less budget left: answer from segment popularity
     tls_cert: str = ""  # PEM certificate chain: serve TLS (with tls_key)
     tls_key: str = ""  # PEM private key of tls_cert
     tls_client_ca: str = ""  # PEM CA bundle: require client certificates it signed (mTLS)
@@ -100,6 +103,9 @@ class Settings:
             "live_capacity",
             "max_profiles",
         ):
+            if getattr(self, name) < 0:
+                raise SettingsError(f"{name} must be >= 0, got {getattr(self, name)}")
+        for name in ("max_in_flight", "request_budget_s", "fallback_below_s"):
             if getattr(self, name) < 0:
                 raise SettingsError(f"{name} must be >= 0, got {getattr(self, name)}")
         if bool(self.tls_cert) != bool(self.tls_key):

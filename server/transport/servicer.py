@@ -25,11 +25,19 @@ from server.domain.catalog import ItemUpdate, Rejected
 from server.domain.engine import Answer, Blend, Engine
 from server.domain.errors import InvalidQuery, UnknownItems
 from server.domain.experiments import Assignment, Experiment
-from server.domain.query import Context, Profile, StateEvent, shopper_key
+from server.domain.query import (
+    Context,
+    Profile,
+    RecommendQuery,
+    SimilarQuery,
+    StateEvent,
+    shopper_key,
+)
 from server.infra.metrics import Metrics
 from server.state.eventlog import EventLog
 from server.state.store import StateStore
 from server.transport import validate
+from server.transport.budget import BudgetPolicy, popular_fallback, similar_fallback
 from server.transport.validate import InvalidRequest
 
 log = logging.getLogger(__name__)
@@ -119,12 +127,28 @@ class RecommenderServicer(pb_grpc.RecommenderServicer):
         store: StateStore,
         events: EventLog | None = None,
         reload: Callable[[str], Awaitable[tuple[str, str]]] | None = None,
+        budget: BudgetPolicy | None = None,
     ) -> None:
         self._holder = holder
         self._metrics = metrics
         self._store = store
         self._events = events
         self._reload = reload
+        self._budget = budget or BudgetPolicy()
+
+    def _fallback(
+        self,
+        method: str,
+        engine: Engine,
+        query: RecommendQuery | SimilarQuery,
+        seeds: tuple[str, ...],
+    ) -> Answer:
+        """Segment bestsellers under the same filters: the answer when time runs short."""
+        self._metrics.budget_fallbacks.labels(method).inc()
+        ctx, flt, k = query.context, query.filters, query.k
+        if isinstance(query, SimilarQuery):
+            return self._run(engine, lambda: similar_fallback(engine, ctx, flt, k, seeds))
+        return self._run(engine, lambda: popular_fallback(engine, ctx, flt, k, seeds))
 
     def _engine(self) -> Engine:
         engine = self._holder.current
@@ -207,16 +231,25 @@ class RecommenderServicer(pb_grpc.RecommenderServicer):
     async def Recommend(self, request: pb.RecommendRequest, context: Ctx) -> pb.RecommendResponse:
         query = validate.recommend(request)
         engine, blend, assignment = self._route(query.context)
-        profile = await self._profile(query.context)
-        now = time.time()
-        plan = engine.plan(query, profile, now)
-        pool = max(3 * query.k, 30)
-        live: dict[str, list[str]] = {}
-        for name, keys in plan.live_keys.items():
-            for key in keys:
-                top = await self._store.top(key, pool, name == "trending")
-                live.setdefault(name, []).extend(item for item, _ in top)
-        answer = self._run(engine, lambda: engine.recommend(query, plan, profile, live, now, blend))
+        budget = self._budget.start(context)
+        if budget.short():
+            answer = self._fallback("Recommend", engine, query, query.seeds)
+        else:
+            profile = await self._profile(query.context)
+            now = time.time()
+            plan = engine.plan(query, profile, now)
+            pool = max(3 * query.k, 30)
+            live: dict[str, list[str]] = {}
+            for name, keys in plan.live_keys.items():
+                for key in keys:
+                    top = await self._store.top(key, pool, name == "trending")
+                    live.setdefault(name, []).extend(item for item, _ in top)
+            if budget.short():  # the state store used it up
+                answer = self._fallback("Recommend", engine, query, query.seeds)
+            else:
+                answer = self._run(
+                    engine, lambda: engine.recommend(query, plan, profile, live, now, blend)
+                )
         return pb.RecommendResponse(
             items=self._items(engine, answer),
             recommendation_id=experiments.recommendation_id(uuid.uuid4().hex, assignment),
@@ -252,7 +285,10 @@ class RecommenderServicer(pb_grpc.RecommenderServicer):
     ) -> pb.SimilarItemsResponse:
         query = validate.similar(request)
         engine, _, assignment = self._route(query.context)
-        answer = self._run(engine, lambda: engine.similar(query))
+        if self._budget.start(context).short():
+            answer = self._fallback("SimilarItems", engine, query, query.seeds)
+        else:
+            answer = self._run(engine, lambda: engine.similar(query))
         return pb.SimilarItemsResponse(
             items=self._items(engine, answer),
             recommendation_id=experiments.recommendation_id(uuid.uuid4().hex, assignment),
@@ -266,7 +302,9 @@ class RecommenderServicer(pb_grpc.RecommenderServicer):
         query = validate.popular(request)
         engine = self._engine()
         segment = engine.live_popular_segment(query.context, query.filters.include_categories)
-        live = [item for item, _ in await self._store.top(segment, 4 * query.k, query.trending)]
+        live: list[str] = []
+        if not self._budget.start(context).short():  # else trained counts only
+            live = [item for item, _ in await self._store.top(segment, 4 * query.k, query.trending)]
         answer = self._run(engine, lambda: engine.popular(query, live))
         return pb.PopularResponse(
             items=self._items(engine, answer),

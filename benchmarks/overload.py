@@ -1,0 +1,359 @@
+"""Overload: drive `endcap serve` at ~3x its sustainable load on loopback, show it degrades.
+
+    python -m benchmarks.overload [--artifacts DIR] [--factor 3] [--duration-s 15]
+
+Starts the server as a process of its own, then runs, each for --duration-s:
+
+1. capacity: closed loop (callers waiting for each answer): answers per second;
+2. unloaded: open loop at a quarter of capacity: the baseline p50/p99;
+3. overload: open loop at --factor x capacity: p50/p99 of admitted calls, the
+   shed rate (RESOURCE_EXHAUSTED), anything else that failed, the server's RSS;
+4. recovery: unloaded again, then health and one normal call.
+
+Open-loop latency counts from each call's intended send time, so a slow server
+cannot hide its tail by slowing the sender; the sender's own lag is reported.
+Load comes from --workers processes (pre-serialised requests, generic stubs).
+Prints a table and writes JSON with the machine and parameters (--json).
+Without --artifacts it trains a small synthetic store first (needs the
+`train` extra). Bounded: every phase stops after --duration-s.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import multiprocessing
+import os
+import platform
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections import Counter
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import grpc
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+SERVICE = "/endcap.v1.Recommender/"
+
+
+@dataclass(frozen=True, slots=True)
+class Phase:
+    name: str
+    mode: str  # closed | open
+    offered_qps: float  # open loop: total arrival rate
+    sent: int
+    sent_qps: float
+    codes: dict[str, int]
+    ok_qps: float
+    p50_ms: float
+    p99_ms: float
+    p999_ms: float
+    max_send_lag_ms: float
+    shed_rate: float
+    rss_peak_mb: float
+
+
+def _requests(artifacts: Path, n: int = 512) -> list[tuple[str, bytes]]:
+    """A mix: known shoppers' Recommend (personal: search), new visitors (popularity),
+    SimilarItems (search), all with filters."""
+    from endcap.v1 import recommender_pb2 as pb
+    from server.artifact import load_artifact
+
+    art = load_artifact(artifacts, verify_checksums=False)
+    users = [str(u) for u in art["user_ids"][:2000]]
+    items = [str(i) for i in art["item_ids"][:2000]]
+    rng = np.random.default_rng(0)
+    out: list[tuple[str, bytes]] = []
+    for i in range(n):
+        ctx = pb.RequestContext(country="DE", currency="EUR")
+        ctx.device = pb.RequestContext.Device.ValueType(1 + i % 3)
+        flt = pb.Filters(max_price=float(rng.choice([30, 100, 1000])))
+        if i % 10 < 6:
+            ctx.user_id = users[int(rng.integers(len(users)))]
+            req = pb.RecommendRequest(context=ctx, filters=flt, num_results=10)
+            out.append(("Recommend", req.SerializeToString()))
+        elif i % 10 < 8:
+            ctx.session_id = f"new-visitor-{i}"
+            req = pb.RecommendRequest(context=ctx, filters=flt, num_results=10)
+            out.append(("Recommend", req.SerializeToString()))
+        else:
+            seeds = [items[int(rng.integers(len(items)))]]
+            sim = pb.SimilarItemsRequest(context=ctx, seed_item_ids=seeds, num_results=10)
+            out.append(("SimilarItems", sim.SerializeToString()))
+    return out
+
+
+# Load, in worker processes.
+async def _load(
+    target: str,
+    requests: list[tuple[str, bytes]],
+    mode: str,
+    rate_qps: float,
+    callers: int,
+    duration_s: float,
+    deadline_s: float,
+) -> tuple[list[float], list[str], float, int]:
+    """(latencies_s, codes, max send lag s, sent) of one worker."""
+    channel = grpc.aio.insecure_channel(target)
+    calls: dict[str, Any] = {m: channel.unary_unary(SERVICE + m) for m, _ in requests}
+    latencies: list[float] = []
+    codes: list[str] = []
+    lag = 0.0
+    loop = asyncio.get_running_loop()
+
+    async def one(i: int, intended: float) -> None:
+        method, body = requests[i % len(requests)]
+        try:
+            await calls[method](body, timeout=deadline_s)
+            code = "OK"
+        except grpc.aio.AioRpcError as exc:
+            code = exc.code().name
+        latencies.append(loop.time() - intended)
+        codes.append(code)
+
+    start = loop.time()
+    end = start + duration_s
+    sent = 0
+    if mode == "closed":
+
+        async def caller(k: int) -> None:
+            nonlocal sent
+            i = k
+            while loop.time() < end:
+                sent += 1
+                await one(i, loop.time())
+                i += callers
+
+        await asyncio.gather(*(caller(k) for k in range(callers)))
+    else:
+        tasks: set[asyncio.Task[None]] = set()
+        interval = 1.0 / rate_qps
+        while True:
+            now = loop.time()
+            if now >= end:
+                break
+            due = int((now - start) / interval) + 1
+            while sent < due:
+                intended = start + sent * interval
+                lag = max(lag, now - intended)
+                task = asyncio.ensure_future(one(sent, intended))
+                tasks.add(task)
+                task.add_done_callback(tasks.discard)
+                sent += 1
+            await asyncio.sleep(0.0005)
+        if tasks:
+            await asyncio.wait(tasks, timeout=deadline_s + 5)
+    await channel.close()
+    return latencies, codes, lag, sent
+
+
+def _worker(args: tuple[Any, ...]) -> tuple[list[float], list[str], float, int]:
+    return asyncio.run(_load(*args))
+
+
+# The server process.
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def _rss_mb(pid: int) -> float:
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return 0.0
+
+
+class RssSampler:
+    """Peak RSS of a process while a phase runs."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        self.peak = 0.0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.peak = max(self.peak, _rss_mb(self.pid))
+            self._stop.wait(0.1)
+
+    def __enter__(self) -> RssSampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+def _serving(target: str, timeout_s: float = 120.0) -> bool:
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    deadline = time.monotonic() + timeout_s
+    with grpc.insecure_channel(target) as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        while time.monotonic() < deadline:
+            try:
+                reply = stub.Check(
+                    health_pb2.HealthCheckRequest(service="endcap.v1.Recommender"), timeout=2
+                )
+                if reply.status == health_pb2.HealthCheckResponse.SERVING:
+                    return True
+            except grpc.RpcError:
+                pass
+            time.sleep(0.2)
+    return False
+
+
+def _train(out: Path) -> Path:
+    from training.pipeline import train_and_export
+    from training.synthetic import StoreConfig
+    from training.train import TrainConfig
+
+    store = StoreConfig(n_items=20_000, n_users=5_000, n_events=200_000, seed=1)
+    return train_and_export(out, store, TrainConfig(dim=32, epochs=1, seed=1), progress=False)
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    tmp = Path(tempfile.mkdtemp(prefix="endcap-overload-"))
+    artifacts = args.artifacts or _train(tmp / "artifacts")
+    requests = _requests(artifacts)
+    port = _free_port()
+    target = f"127.0.0.1:{port}"
+    env = os.environ | {
+        "ENDCAP_MAX_IN_FLIGHT": str(args.max_in_flight),
+        "ENDCAP_LOG_LEVEL": "WARNING",
+    }
+    cmd = [sys.executable, "-m", "endcap.cli", "serve", "--artifacts", str(artifacts)]
+    cmd += ["--host", "127.0.0.1", "--port", str(port), "--metrics-port", "0"]
+    log = (tmp / "server.log").open("w")
+    server = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+    ctx = multiprocessing.get_context("spawn")
+    phases: list[Phase] = []
+    try:
+        if not _serving(target):
+            raise SystemExit(f"server did not start; see {log.name}")
+        rss_idle = _rss_mb(server.pid)
+        with ctx.Pool(args.workers) as pool:
+
+            def phase(name: str, mode: str, rate: float, duration_s: float) -> Phase:
+                per = (target, requests, mode, rate / args.workers, args.callers, duration_s)
+                with RssSampler(server.pid) as rss:
+                    results = pool.map(_worker, [(*per, args.deadline_ms / 1000)] * args.workers)
+                lat = np.concatenate([np.asarray(r[0]) for r in results]) * 1000
+                codes = np.concatenate([np.asarray(r[1]) for r in results])
+                sent = sum(r[3] for r in results)
+                ok = lat[codes == "OK"] if lat.size else lat
+                counts = Counter(codes.tolist())
+                pct = np.percentile(ok, [50, 99, 99.9]) if ok.size else np.zeros(3)
+                p = Phase(
+                    name=name,
+                    mode=mode,
+                    offered_qps=round(rate, 1),
+                    sent=sent,
+                    sent_qps=round(sent / duration_s, 1),
+                    codes=dict(counts),
+                    ok_qps=round(counts.get("OK", 0) / duration_s, 1),
+                    p50_ms=round(float(pct[0]), 3),
+                    p99_ms=round(float(pct[1]), 3),
+                    p999_ms=round(float(pct[2]), 3),
+                    max_send_lag_ms=round(max(r[2] for r in results) * 1000, 3),
+                    shed_rate=round(counts.get("RESOURCE_EXHAUSTED", 0) / max(sent, 1), 4),
+                    rss_peak_mb=round(rss.peak, 1),
+                )
+                phases.append(p)
+                _print(p)
+                return p
+
+            phase("warmup", "closed", 0, 2.0)
+            capacity = phase("capacity", "closed", 0, args.duration_s).ok_qps
+            phase("unloaded", "open", capacity / 4, args.duration_s)
+            phase("overload", "open", capacity * args.factor, args.duration_s)
+            phase("recovery", "open", capacity / 4, args.duration_s)
+        alive = server.poll() is None and _serving(target, 10)
+        rss_after = _rss_mb(server.pid)
+    finally:
+        server.send_signal(signal.SIGTERM)
+        try:
+            exit_code = server.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            server.kill()
+            exit_code = server.wait()
+        log.close()
+    by = {p.name: p for p in phases}
+    summary = {
+        "server_stayed_up": alive,
+        "clean_exit_on_sigterm": exit_code == 0,
+        "capacity_qps": by["capacity"].ok_qps,
+        "overload_offered_qps": by["overload"].offered_qps,
+        "unloaded_p99_ms": by["unloaded"].p99_ms,
+        "overload_admitted_p99_ms": by["overload"].p99_ms,
+        "overload_shed_rate": by["overload"].shed_rate,
+        "overload_other_errors": sum(
+            n for c, n in by["overload"].codes.items() if c not in ("OK", "RESOURCE_EXHAUSTED")
+        ),
+        "recovery_p99_ms": by["recovery"].p99_ms,
+        "rss_idle_mb": round(rss_idle, 1),
+        "rss_peak_mb": max(p.rss_peak_mb for p in phases),
+        "rss_after_mb": round(rss_after, 1),
+    }
+    return {
+        "benchmark": "overload",
+        "machine": {
+            "cpus": os.cpu_count(),
+            "platform": platform.platform(),
+            "python": platform.python_version(),
+            "grpcio": grpc.__version__,
+        },
+        "params": {k: str(v) for k, v in vars(args).items()},
+        "phases": [asdict(p) for p in phases],
+        "summary": summary,
+    }
+
+
+def _print(p: Phase) -> None:
+    codes = ", ".join(f"{c} {n}" for c, n in sorted(p.codes.items()))
+    print(
+        f"{p.name:>9}: offered {p.offered_qps:>8.0f}/s sent {p.sent_qps:>8.0f}/s "
+        f"ok {p.ok_qps:>8.0f}/s  p50 {p.p50_ms:7.2f} ms  p99 {p.p99_ms:7.2f} ms  "
+        f"shed {p.shed_rate:6.1%}  rss {p.rss_peak_mb:6.0f} MB  lag {p.max_send_lag_ms:.1f} ms"
+        f"  [{codes}]",
+        flush=True,
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.overload", description=__doc__)
+    parser.add_argument("--artifacts", type=Path, help="artifact root (default: train one)")
+    parser.add_argument("--factor", type=float, default=3.0, help="overload x capacity")
+    parser.add_argument("--duration-s", type=float, default=15.0, help="per phase")
+    parser.add_argument("--workers", type=int, default=2, help="load processes")
+    parser.add_argument("--callers", type=int, default=8, help="closed loop callers per worker")
+    parser.add_argument("--deadline-ms", type=float, default=250.0, help="per-call deadline")
+    parser.add_argument("--max-in-flight", type=int, default=64, help="ENDCAP_MAX_IN_FLIGHT")
+    parser.add_argument("--json", type=Path, help="write the results here")
+    args = parser.parse_args(argv)
+    result = run(args)
+    print(json.dumps(result["summary"], indent=2))
+    if args.json:
+        args.json.write_text(json.dumps(result, indent=2) + "\n")
+    return 0 if result["summary"]["server_stayed_up"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
