@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 import urllib.request
 from collections.abc import Iterator
 
@@ -46,7 +47,14 @@ def test_requests_latency_and_provenance_are_exposed(
         stub.Recommend(pb.RecommendRequest(context=pb.RequestContext(country="DE"), num_results=4))
     with pytest.raises(grpc.RpcError):
         stub.Recommend(pb.RecommendRequest(num_results=9999))
-    after = scrape(metrics_url)
+    # context.abort sends the status before the interceptor counts it: the client can
+    # see the error a moment before the counter moves.
+    deadline = time.monotonic() + 10
+    while True:
+        after = scrape(metrics_url)
+        counted = after.get("endcap_grpc_requests_total", {}).get(key_bad, 0.0)
+        if counted >= n_bad + 1 or time.monotonic() > deadline:
+            break
     assert after["endcap_grpc_requests_total"][key_ok] == n_ok + 3
     assert after["endcap_grpc_requests_total"][key_bad] == n_bad + 1
     count = after["endcap_grpc_handling_seconds_count"][(("method", "Recommend"),)]
