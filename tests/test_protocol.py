@@ -35,6 +35,7 @@ from training.sequential import (
     SeqConfig,
     SequentialModel,
     encode_sequence,
+    encode_sequences,
     init_weights,
     left_padded,
     torch_forward,
@@ -278,8 +279,10 @@ def test_numpy_encoder_matches_torch(heads: int) -> None:
     params = {k: torch.from_numpy(v) for k, v in weights.items()}
     with torch.no_grad():
         expected = torch_forward(params, inputs)[:, -1].numpy()
-    got = np.stack([encode_sequence(weights, s) for s in seqs])
-    np.testing.assert_allclose(got, expected, atol=1e-4, rtol=0)
+    one_by_one = np.stack([encode_sequence(weights, s) for s in seqs])
+    np.testing.assert_allclose(one_by_one, expected, atol=1e-4, rtol=0)
+    # Batched (left-padded to the longest) gives each user the same vector.
+    np.testing.assert_allclose(encode_sequences(weights, seqs), expected, atol=1e-4, rtol=0)
     # Only the last max_len items matter.
     np.testing.assert_allclose(
         encode_sequence(weights, seqs[-1]), encode_sequence(weights, seqs[-1][-5:]), atol=1e-6

@@ -73,6 +73,7 @@ class SeqConfig:
     target_window: int = 1  # each position predicts the next `target_window` items
     mask_seen: bool = False  # drop already-seen items from each position's softmax
     init_std: float = 0.02
+    schedule: str = "constant"  # or "cosine": decay to 0 over max_epochs
     threads: int = 2
 
     def shapes(self, n_items: int) -> dict[str, tuple[int, ...]]:
@@ -134,57 +135,82 @@ def num_layers(weights: Mapping[str, object]) -> int:
     return count
 
 
-def encode_sequence(
-    weights: Mapping[str, npt.NDArray[Any]], item_seq: npt.NDArray[np.integer]
+def encode_sequences(
+    weights: Mapping[str, npt.NDArray[Any]], item_seqs: Sequence[npt.NDArray[np.integer]]
 ) -> npt.NDArray[np.float32]:
-    """The user vector, float32 (d,), for item indexes `item_seq`, oldest first.
+    """User vectors, float32 (b, d), for b sequences of item indexes, oldest first.
 
-    Reads only the last L = seq_position.shape[0] items. An empty sequence
-    gets the vector of a lone padding token (a zero item embedding) at the
-    most recent position, exactly as the torch model computes it.
+    Reads only each sequence's last L = seq_position.shape[0] items. Shorter
+    sequences are left-padded to the batch's longest; padding keys are masked
+    and every position may attend to itself, as in the torch model, so a
+    vector does not depend on what else is in the batch. An empty sequence
+    gets the vector of a lone padding token (zero item embedding) at the most
+    recent position.
     """
     table = weights[ITEM_EMBEDDINGS]
     position = weights[POSITION]
     length, dim = position.shape
     heads = int(weights[NUM_HEADS])
     head_dim = dim // heads
-    items = np.asarray(item_seq, dtype=np.int64)[-length:]
-    m = max(int(items.shape[0]), 1)
-    if items.shape[0]:
-        x = table[items].astype(np.float32) + position[length - m :]
-    else:
-        x = position[length - 1 :].astype(np.float32)
-    causal = np.tril(np.ones((m, m), dtype=np.bool_))
+    seqs = [np.asarray(s, dtype=np.int64)[-length:] for s in item_seqs]
+    b = len(seqs)
+    cols = max([1, *(s.shape[0] for s in seqs)])
+    index = np.zeros((b, cols), dtype=np.int64)
+    real = np.zeros((b, cols), dtype=np.bool_)
+    for j, s in enumerate(seqs):
+        if s.shape[0]:
+            index[j, cols - s.shape[0] :] = s
+            real[j, cols - s.shape[0] :] = True
+    x = np.where(real[..., None], table[index], 0.0).astype(np.float32) + position[length - cols :]
+    causal = np.tril(np.ones((cols, cols), dtype=np.bool_))
+    allowed = (causal[None] & real[:, None, :]) | np.eye(cols, dtype=np.bool_)[None]
     n_layers = num_layers(weights)
     for i in range(n_layers):
         w = {name: weights[layer_key(i, name)] for name in _LAYER_SHAPES}
-        last = i == n_layers - 1
         # The last block only needs the most recent position's output.
+        rows = cols if i < n_layers - 1 else 1
         h = _layer_norm(x, w["ln1.weight"], w["ln1.bias"])
-        qkv = h @ w["qkv.weight"].T + w["qkv.bias"]
-        q, k, v = qkv[:, :dim], qkv[:, dim : 2 * dim], qkv[:, 2 * dim :]
-        rows = slice(m - 1, m) if last else slice(0, m)
-        q = q[rows].reshape(-1, heads, head_dim).transpose(1, 0, 2)
-        k = k.reshape(m, heads, head_dim).transpose(1, 0, 2)
-        v = v.reshape(m, heads, head_dim).transpose(1, 0, 2)
-        att = q @ k.transpose(0, 2, 1) / math.sqrt(head_dim)
-        att = np.where(causal[rows][None], att, -np.inf)
+        qkv = (h.reshape(-1, dim) @ w["qkv.weight"].T + w["qkv.bias"]).reshape(
+            b, cols, 3, heads, head_dim
+        )
+        q = qkv[:, cols - rows :, 0].transpose(0, 2, 1, 3)  # (b, heads, rows, head_dim)
+        k = qkv[:, :, 1].transpose(0, 2, 3, 1)  # (b, heads, head_dim, cols)
+        v = qkv[:, :, 2].transpose(0, 2, 1, 3)  # (b, heads, cols, head_dim)
+        att = (q @ k) / math.sqrt(head_dim)
+        att = np.where(allowed[:, None, cols - rows :], att, -np.inf)
         att = np.exp(att - att.max(axis=-1, keepdims=True))
         att /= att.sum(axis=-1, keepdims=True)
-        ctx = (att @ v).transpose(1, 0, 2).reshape(-1, dim)
-        x = x[rows] + ctx @ w["out.weight"].T + w["out.bias"]
-        h = _layer_norm(x, w["ln2.weight"], w["ln2.bias"])
-        x = x + _gelu_tanh(h @ w["fc1.weight"].T + w["fc1.bias"]) @ w["fc2.weight"].T
-        x = x + w["fc2.bias"]
-    out = _layer_norm(x[-1], weights[FINAL_LN_WEIGHT], weights[FINAL_LN_BIAS])
+        ctx = (att @ v).transpose(0, 2, 1, 3).reshape(b * rows, dim)
+        x = x[:, cols - rows :] + (ctx @ w["out.weight"].T + w["out.bias"]).reshape(b, rows, dim)
+        h = _layer_norm(x, w["ln2.weight"], w["ln2.bias"]).reshape(-1, dim)
+        ffn = _gelu_tanh(h @ w["fc1.weight"].T + w["fc1.bias"]) @ w["fc2.weight"].T
+        x = x + (ffn + w["fc2.bias"]).reshape(b, rows, dim)
+    out = _layer_norm(x[:, -1], weights[FINAL_LN_WEIGHT], weights[FINAL_LN_BIAS])
     return out.astype(np.float32)
 
 
-def encode_history(
-    weights: Mapping[str, npt.NDArray[Any]], history: Part
+def encode_sequence(
+    weights: Mapping[str, npt.NDArray[Any]], item_seq: npt.NDArray[np.integer]
 ) -> npt.NDArray[np.float32]:
-    """encode_sequence for every user of `history`, float32 (u, d)."""
-    return np.stack([encode_sequence(weights, history.row(u)) for u in range(history.n_users)])
+    """The user vector, float32 (d,), for item indexes `item_seq`, oldest first.
+
+    What the server computes per request; see encode_sequences.
+    """
+    result: npt.NDArray[np.float32] = encode_sequences(weights, [item_seq])[0]
+    return result
+
+
+def encode_history(
+    weights: Mapping[str, npt.NDArray[Any]], history: Part, batch_size: int = 256
+) -> npt.NDArray[np.float32]:
+    """The user vector of every user of `history`, float32 (u, d)."""
+    rows = [history.row(u) for u in range(history.n_users)]
+    parts = [
+        encode_sequences(weights, rows[lo : lo + batch_size])
+        for lo in range(0, len(rows), batch_size)
+    ]
+    dim = int(weights[POSITION].shape[1])
+    return np.concatenate(parts) if parts else np.zeros((0, dim), dtype=np.float32)
 
 
 @dataclass(frozen=True, slots=True)
@@ -196,6 +222,7 @@ class SequentialModel:
     best_epoch: int
     valid_ndcg10: float
     train_s: float
+    train_cpu_s: float = 0.0  # process CPU seconds: stable under a busy machine
     curve: tuple[tuple[int, float, float], ...] = field(default=())  # (epoch, loss, valid)
 
     def scorer(self, history: Part) -> ScoreFn:
@@ -338,7 +365,7 @@ def train_sequential(
     torch.set_num_threads(config.threads)
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
-    start = time.perf_counter()
+    start, start_cpu = time.perf_counter(), time.process_time()
     n_items, length = split.n_items, config.max_len
     params = {
         name: torch.nn.Parameter(torch.from_numpy(value), requires_grad=name != NUM_HEADS)
@@ -361,6 +388,9 @@ def train_sequential(
         left_padded(valid_history, np.arange(split.n_users, dtype=np.int64), length)
     )
     decay = torch.ones(config.target_window)
+    sample_windows = _windows(lengths, length, np.random.default_rng(0))
+    steps_per_epoch = math.ceil(sample_windows.shape[0] / config.batch_size)
+    step = 0
     best, best_epoch, stale = -1.0, -1, 0
     best_weights: dict[str, npt.NDArray[Any]] = {}
     curve: list[tuple[int, float, float]] = []
@@ -369,6 +399,11 @@ def train_sequential(
         windows = windows[rng.permutation(windows.shape[0])]
         total, seen_rows = 0.0, 0
         for lo in range(0, windows.shape[0], config.batch_size):
+            if config.schedule == "cosine":
+                progress_frac = min(1.0, step / (steps_per_epoch * config.max_epochs))
+                for group in optimizer.param_groups:
+                    group["lr"] = config.lr * 0.5 * (1.0 + math.cos(math.pi * progress_frac))
+            step += 1
             chunk = windows[lo : lo + config.batch_size]
             inputs, target_pos, targets = (
                 torch.from_numpy(a) for a in _batch(train, chunk, length, config.target_window)
@@ -417,6 +452,7 @@ def train_sequential(
         best_epoch=best_epoch,
         valid_ndcg10=best,
         train_s=time.perf_counter() - start,
+        train_cpu_s=time.process_time() - start_cpu,
         curve=tuple(curve),
     )
 
