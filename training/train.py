@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 import torch
-from tqdm import tqdm  # type: ignore[import-untyped]
+from tqdm import tqdm
 
 from training.data import Dataset
 from training.model import Adam, Batch, TwoTower
@@ -198,14 +198,22 @@ class _Split:
     seen_items: npt.NDArray[np.int64]
 
 
-def _split(inter: Interactions, min_user_items: int) -> _Split:
+def _split(
+    inter: Interactions,
+    min_user_items: int,
+    max_users: int | None = None,
+    rng: np.random.Generator | None = None,
+) -> _Split:
     """Leave-last-out: each shopper's latest item that is new to them is held out.
 
     Everything from that interaction on is kept out of training, so the model
     never sees the future; what remains is the history the shopper had when
     the held-out item came up. Shoppers with fewer distinct items stay whole in
-    training. The held-out item is new to the shopper, so excluding the items
-    they already had (as the server does) never excludes the answer.
+    training, and so do all but a random `max_users` of the others (drawn
+    with `rng`): validating on a sample needs no more held out, and a
+    shopper's latest items are the most telling ones to train on. The
+    held-out item is new to the shopper, so excluding the items they already
+    had (as the server does) never excludes the answer.
     """
     n = inter.item.size
     pos_in_user = np.arange(n) - inter.indptr[inter.user]
@@ -222,6 +230,13 @@ def _split(inter: Interactions, min_user_items: int) -> _Split:
     rows = np.flatnonzero(is_new)
     np.maximum.at(latest, inter.user[rows], rows)
     held = (distinct >= min_user_items) & (latest >= 0)
+    eligible = np.flatnonzero(held)
+    if max_users is not None and eligible.size > max_users:
+        picked = np.sort(
+            (rng or np.random.default_rng(0)).choice(eligible.size, max_users, replace=False)
+        )
+        held[:] = False
+        held[eligible[picked]] = True
     cutoff = np.where(held, latest, inter.indptr[1:])  # first row not trained on, per user
     train_pos = np.flatnonzero(np.arange(n) < cutoff[inter.user])
     val_user = np.flatnonzero(held).astype(np.int64)
@@ -467,7 +482,8 @@ def train(
         raise ValueError(f"training needs at least 2 items, got {dataset.n_items}")
 
     inter = collapse_events(dataset, config.event_weights)
-    split = _split(inter, config.min_user_items)
+    # The validation sample is drawn here, first from rng, as _Validation did before.
+    split = _split(inter, config.min_user_items, config.max_eval_users, rng)
     if split.train_pos.size == 0:
         raise ValueError("the dataset has no events to train on")
     if split.val_user.size == 0:
