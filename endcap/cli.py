@@ -109,6 +109,62 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return asyncio.run(run_demo(settings, keep_serving=not args.no_wait))
 
 
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from training.evaluate import run_command
+
+    return run_command(args)
+
+
+def _add_evaluate_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--dataset",
+        choices=("synthetic", "ml100k"),
+        help="built-in data: the synthetic store or MovieLens-100K (default: synthetic, or "
+        "--interactions FILE)",
+    )
+    p.add_argument(
+        "--interactions",
+        help="a shop's interactions CSV/Parquet (user_id,item_id,timestamp[,event_type]"
+        "[,rating][,device][,country]); with --dataset synthetic, the number of events",
+    )
+    p.add_argument(
+        "--items",
+        help="the shop's items CSV/Parquet (item_id,category,brand,price,currency,countries,"
+        "in_stock); with --dataset synthetic, the catalog size",
+    )
+    p.add_argument("--users", type=int, default=20_000, help="synthetic shoppers")
+    p.add_argument("--seed", type=int, default=0, help="random seed for data and training")
+    p.add_argument("--epochs", type=int, help="two-tower epochs (default: TrainConfig)")
+    p.add_argument("--dim", type=int, default=64, help="embedding dimension")
+    p.add_argument("--json", type=Path, help="also write the report as JSON here")
+    p.add_argument(
+        "--baselines",
+        default="MostPop,SegmentPop,ALS,EASE",
+        help="comma-separated among MostPop, SegmentPop, ALS, EASE (EASE only up to 5,000 items)",
+    )
+    p.add_argument("--no-context-ablation", action="store_true", help="skip the no-context model")
+    p.add_argument("--no-cold-start", action="store_true", help="skip held-out items and shoppers")
+    p.add_argument("--no-fidelity", action="store_true", help="skip the artifact + FAISS check")
+    p.add_argument("--artifacts", type=Path, help="keep the exported artifact under this root")
+    p.add_argument(
+        "--skip-invalid",
+        action="store_true",
+        help="leave malformed rows out (counted by reason) instead of stopping at the first",
+    )
+    p.add_argument("--min-rating", type=float, help="leave out interactions rated below this")
+    p.add_argument("--base-currency", help="currency item prices are converted to")
+    p.add_argument(
+        "--currency-rates", help="units per 1 base currency unit, e.g. EUR=1,USD=1.08,GBP=0.85"
+    )
+    p.add_argument(
+        "--seeds", default="0,1,2", help="ML-100K: comma-separated seeds (mean and std over them)"
+    )
+    p.add_argument(
+        "--models",
+        help="ML-100K: comma-separated models (default: all of training.protocol's)",
+    )
+
+
 def cmd_experiments_report(args: argparse.Namespace) -> int:
     import json
 
@@ -189,6 +245,17 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_train_flags(train)
     train.set_defaults(func=cmd_train)
+
+    evaluate = sub.add_parser(
+        "evaluate",
+        help="measure recommendation quality against baselines (shared/eval/PROTOCOL.md)",
+        description="Split the data per shopper in time (80/10/10), train endcap's two-tower model "
+        "and baselines on the train part, and report test metrics, the lift from context, cold "
+        "start, quality per segment and serving fidelity (artifact + FAISS). With --dataset "
+        "ml100k, run the PROTOCOL.md comparison over seeds.",
+    )
+    _add_evaluate_flags(evaluate)
+    evaluate.set_defaults(func=cmd_evaluate)
 
     serve = sub.add_parser(
         "serve",
