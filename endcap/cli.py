@@ -61,7 +61,11 @@ def _train(args: argparse.Namespace, out: Path) -> Path:
     if args.epochs is not None:
         overrides["epochs"] = args.epochs
     return train_and_export(
-        out, store, TrainConfig(**overrides), events=getattr(args, "event_log", None)
+        out,
+        store,
+        TrainConfig(**overrides),
+        events=getattr(args, "event_log", None),
+        report=True,
     )
 
 

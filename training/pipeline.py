@@ -25,11 +25,14 @@ def train_and_export(
     *,
     progress: bool = True,
     events: Path | None = None,
+    report: bool = False,
 ) -> Path:
     """Generate `store`, train with `config`, write an artifact under `root`; returns its directory.
 
     With `progress`, shows progress bars and prints a summary table of the
-    validation metrics per epoch next to the popularity baseline.
+    validation metrics per epoch next to the popularity baseline. With
+    `report`, also writes <artifact>/report/report.md and its plots
+    (training.report).
     """
     began = time.perf_counter()
     dataset = generate_store(store)
@@ -52,6 +55,11 @@ def train_and_export(
     trained = time.perf_counter()
     path = export_artifact(dataset, model, root, extra_params={"store": dataclasses.asdict(store)})
     exported = time.perf_counter()
+    report_path = None
+    if report:
+        from training.report import write_report
+
+        report_path = write_report(dataset, model, path / "report", artifact=path)
     if progress:
         Console().print(
             summary_table(
@@ -63,6 +71,8 @@ def train_and_export(
                 ),
             )
         )
+        if report_path is not None:
+            Console().print(f"training report: {report_path}")
     return path
 
 
