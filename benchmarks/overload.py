@@ -1,6 +1,7 @@
 """Overload: drive `endcap serve` at ~3x its sustainable load on loopback, show it degrades.
 
     python -m benchmarks.overload [--artifacts DIR] [--factor 3] [--duration-s 15]
+                                  [--max-in-flight 64] [--redis-url redis://127.0.0.1:6379/0]
 
 Starts the server as a process of its own, then runs, each for --duration-s:
 
@@ -239,6 +240,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "ENDCAP_MAX_IN_FLIGHT": str(args.max_in_flight),
         "ENDCAP_LOG_LEVEL": "WARNING",
     }
+    if args.redis_url:  # shared state: handlers wait on Redis, so calls overlap
+        env |= {"ENDCAP_STATE_BACKEND": "redis", "ENDCAP_REDIS_URL": args.redis_url}
     cmd = [sys.executable, "-m", "endcap.cli", "serve", "--artifacts", str(artifacts)]
     cmd += ["--host", "127.0.0.1", "--port", str(port), "--metrics-port", "0"]
     log = (tmp / "server.log").open("w")
@@ -346,6 +349,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--callers", type=int, default=8, help="closed loop callers per worker")
     parser.add_argument("--deadline-ms", type=float, default=250.0, help="per-call deadline")
     parser.add_argument("--max-in-flight", type=int, default=64, help="ENDCAP_MAX_IN_FLIGHT")
+    parser.add_argument("--redis-url", help="serve with ENDCAP_STATE_BACKEND=redis at this URL")
     parser.add_argument("--json", type=Path, help="write the results here")
     args = parser.parse_args(argv)
     result = run(args)
