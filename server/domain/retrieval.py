@@ -5,9 +5,10 @@ Plans (see shared/notes/filtered-retrieval.md for the measurements behind them):
          hold enough of them would cost more: score exactly the passing items.
   ann    many pass: IVF search restricted by IDSelectorBitmap over the lists
          chosen for this filter (nearest centroids first, skipping lists with no
-         passing items, until about ann_min_nprobe lists' worth of passing items
-         is scanned; a filter correlated with the embedding space, like a
-         category, so probes where its items are); over-fetch, mask, truncate;
+         passing items, until ann_min_nprobe lists' worth of passing items times
+         selectivity ** (1/3) is scanned; a filter correlated with the embedding
+         space, like a category, so probes where its items are); over-fetch,
+         mask, truncate;
          if the result is short, fall back to exact.
   popularity  cold start: segment bestsellers, then catalog bestsellers, within
          the same filters.
@@ -71,7 +72,8 @@ class Vectors:
     """Item embeddings: the artifact's (memory-mapped) rows, then rows added live."""
 
     def __init__(self, base: npt.NDArray[np.float32], capacity: int) -> None:
-        self.base = base
+        # A plain ndarray view of a memmap: np.memmap.__getitem__ costs ~40 us per call.
+        self.base = base.view(np.ndarray) if isinstance(base, np.memmap) else base
         self.n_base = int(base.shape[0])
         self.n = self.n_base
         self.dim = int(base.shape[1])
@@ -79,13 +81,14 @@ class Vectors:
 
     def take(self, rows: npt.NDArray[np.int64]) -> npt.NDArray[np.float32]:
         """(len(rows), dim) embeddings of `rows`."""
+        # np.take gathers rows 3x faster than fancy indexing (measured at 2k-20k rows).
         if rows.size == 0 or int(rows.max()) < self.n_base:
-            out: npt.NDArray[np.float32] = self.base[rows]
+            out: npt.NDArray[np.float32] = np.take(self.base, rows, axis=0)
             return out
         out = np.empty((rows.shape[0], self.dim), dtype=np.float32)
         base = rows < self.n_base
-        out[base] = self.base[rows[base]]
-        out[~base] = self.live[rows[~base] - self.n_base]
+        out[base] = np.take(self.base, rows[base], axis=0)
+        out[~base] = np.take(self.live, rows[~base] - self.n_base, axis=0)
         return out
 
     def set_live(self, row: int, vector: npt.NDArray[np.float32]) -> None:
@@ -96,7 +99,7 @@ class Vectors:
 @dataclass(frozen=True, slots=True)
 class SearchTuning:
     exact_scan_max_items: int = 20_000
-    ann_min_nprobe: int = 8
+    ann_min_nprobe: int = 64
     ann_overfetch: float = 1.5
 
 
@@ -228,9 +231,23 @@ class Retriever:
             return None
         cs = layout.centroids @ query
         holding = np.flatnonzero(est > 0)
-        order = holding[np.argsort(-cs[holding], kind="stable")]
-        # As many passing items as an unfiltered search scans in ann_min_nprobe lists.
-        target = min(self.tuning.ann_min_nprobe * self.n_index / layout.nlist, float(est.sum()))
+        # Passing items to scan: an unfiltered search scans ann_min_nprobe lists; a
+        # filter passing a fraction s of the catalog needs fewer passing items for the
+        # same recall (its top k are deeper neighbours, spread over more lists):
+        # s ** (1/3) fits recall >= 0.95 from 100% down to 3% on the bench catalog.
+        selectivity = min(1.0, flt.estimate / max(self.n, 1))
+        per_list = self.n_index / layout.nlist
+        target = self.tuning.ann_min_nprobe * per_list * selectivity ** (1 / 3)
+        target = min(target, float(est.sum()))
+        # Sort only the best-scoring lists that can reach the target (a few x its
+        # expected count); sort them all only if those fall short.
+        guess = 4 * math.ceil(target / max(float(est[holding].mean()), 1e-9)) + 16
+        order = holding
+        if guess < holding.shape[0]:
+            top = holding[np.argpartition(-cs[holding], guess)[:guess]]
+            if float(est[top].sum()) >= target:
+                order = top
+        order = order[np.argsort(-cs[order], kind="stable")]
         m = int(np.searchsorted(np.cumsum(est[order]), target * (1 - 1e-9))) + 1
         lists = order[: min(m, order.shape[0])]
         return lists, cs[lists].astype(np.float32)
@@ -327,7 +344,13 @@ class Retriever:
             # Few pass: rank just those by catalog popularity.
             ids = flt.passing_ids()
             ids = ids[~np.isin(ids, already)]
-            return ids[np.argsort(self.popular_rank[ids], kind="stable")][:need]
+            # Rank, ties (live rows) to the smaller id: a distinct key, so a partial
+            # sort of the head gives the same order as a full stable sort.
+            key = self.popular_rank[ids] * max(ids.shape[0], 1) + np.arange(ids.shape[0])
+            if need < ids.shape[0]:
+                head = np.argpartition(key, need - 1)[:need]
+                ids, key = ids[head], key[head]
+            return ids[np.argsort(key)][:need]
         # Many pass: walk the bestseller list in chunks sized by the pass rate.
         out: list[npt.NDArray[np.int64]] = []
         got = 0

@@ -29,7 +29,7 @@ class Settings:
     workers: int = 1  # >1: this many serving processes share the port (SO_REUSEPORT)
     reuse_port: bool = False  # bind with SO_REUSEPORT (set for each worker)
     exact_scan_max_items: int = 20_000  # fewer passing items than this: exact scan
-    ann_min_nprobe: int = 8
+    ann_min_nprobe: int = 64  # IVF lists an unfiltered search probes (recall >= 0.95)
     ann_overfetch: float = 1.5  # fetch k * this from ANN, then mask and truncate
     grace_s: float = 5.0  # drain time for in-flight requests on SIGTERM
     verify_checksums: bool = True
