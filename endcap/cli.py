@@ -216,6 +216,12 @@ def cmd_health(args: argparse.Namespace) -> int:
     return 0 if reply.status == health_pb2.HealthCheckResponse.SERVING else 1
 
 
+def cmd_bench(args: argparse.Namespace) -> int:
+    from benchmarks.run import main as run_bench
+
+    return run_bench(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="endcap", description="Recommendation microservice for online stores."
@@ -301,6 +307,19 @@ def build_parser() -> argparse.ArgumentParser:
     health.add_argument("--service", default="endcap.v1.Recommender", help="service name")
     health.add_argument("--timeout", type=float, default=2.0, help="seconds")
     health.set_defaults(func=cmd_health)
+
+    from benchmarks.options import add_arguments as add_bench_flags
+
+    bench = sub.add_parser(
+        "bench",
+        help="load-test a served synthetic catalog against transport and index floors",
+        description="Build (or reuse, cached in ~/.cache/endcap/bench) a synthetic catalog, serve "
+        "it on loopback, run open- and closed-loop load, and report latency, throughput, recall "
+        "and memory next to an echo gRPC server and raw FAISS measured in the same run "
+        "(benchmarks/README.md).",
+    )
+    add_bench_flags(bench)
+    bench.set_defaults(func=cmd_bench)
     return parser
 
 
