@@ -282,9 +282,10 @@ class FilterIndex:
             _set(self.price_le_bits[self._price_bucket(new_price) :], row, True)
         if in_stock is not None:
             _set(self.stock_bits, row, in_stock)
-        if countries is not None:
-            for c, on in enumerate(countries.tolist()):
-                _set(self.country_bits[c], row, on)
+        if countries is not None:  # every country's bit of this row in one operation
+            mask = U64(1) << U64(row & 63)
+            column = self.country_bits[:, row >> 6]
+            self.country_bits[:, row >> 6] = np.where(countries, column | mask, column & ~mask)
         _set(self.alive_bits, row, alive)
 
     def _brand_bits(self, brands: tuple[int, ...]) -> npt.NDArray[np.uint64]:
