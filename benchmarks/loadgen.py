@@ -61,6 +61,10 @@ class LoadSpec:
     max_inflight: int = 2000  # open loop: past this, arrivals are dropped and counted
     offset: int = 0  # where in `requests` to start (different per client process)
     warmup_s: float = 0.0  # run this long first, unrecorded
+    # Open loop: yield instead of sleeping this close to a due send. asyncio sleeps
+    # in whole milliseconds and a loaded host wakes the process late: without this
+    # the echo floor at 100 req/s measured 2.7 ms p50 against 0.8 ms closed loop.
+    spin_s: float = 0.0015
 
 
 @dataclass
@@ -232,6 +236,7 @@ async def _open_loop(
     reqs = spec.requests
     n = len(reqs)
     interval = 1.0 / spec.rate_qps
+    spin_s = spec.spin_s
     total = max(1, int(duration_s * spec.rate_qps))
     inflight: set[asyncio.Task[None]] = set()
 
@@ -252,7 +257,7 @@ async def _open_loop(
         now = time.perf_counter()
         due = start + i * interval
         if due > now:
-            await asyncio.sleep(due - now)
+            await asyncio.sleep(due - now - spin_s if due - now > spin_s else 0)
             continue
         # Send everything that is due (the event loop wakes up at most ~1 ms late).
         while i < total and start + i * interval <= now:
@@ -306,6 +311,7 @@ class LoadClient:
                     max_inflight=max(1, spec.max_inflight // k),
                     offset=spec.offset + p * 104729,
                     warmup_s=spec.warmup_s,
+                    spin_s=spec.spin_s,
                 )
             )
         futures = [self._pool.submit(run_spec, part) for part in parts]

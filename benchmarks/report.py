@@ -25,7 +25,12 @@ def _target(
 def evaluate_targets(r: dict[str, Any]) -> list[dict[str, Any]]:
     """Each issue-5 target with the measured value and whether it is met (None = not run)."""
     out: list[dict[str, Any]] = []
-    for row in r.get("selectivity", []):
+    for name, value in r.items():
+        if isinstance(value, dict) and "error" in value:
+            out.append(
+                _target(f"section {name} ran", None, "no error", False, value["error"][:200])
+            )
+    for row in _rows(r.get("selectivity")):
         h = row["server_side"].get("handler", {}).get("Recommend", {})
         p99 = h.get("p99_us", math.nan)
         out.append(
@@ -86,7 +91,7 @@ def evaluate_targets(r: dict[str, Any]) -> list[dict[str, Any]]:
                 f"{mem['rss_bytes_per_item']} bytes/item, PSS {mem['pss_mb']} MB",
             )
         )
-    w = r.get("workers")
+    w = _ok(r.get("workers"))
     if w:
         out.append(
             _target(
@@ -97,8 +102,8 @@ def evaluate_targets(r: dict[str, Any]) -> list[dict[str, Any]]:
                 f"PSS {w['memory']['pss_mb']} MB for {w['memory']['processes']} processes",
             )
         )
-    rt = r.get("realtime", {})
-    rl = rt.get("reload_under_load")
+    rt = _ok(r.get("realtime")) or {}
+    rl = _ok(rt.get("reload_under_load"))
     if rl:
         out.append(
             _target(
@@ -111,7 +116,7 @@ def evaluate_targets(r: dict[str, Any]) -> list[dict[str, Any]]:
             )
         )
     for key in ("freshness_one_process", "freshness_two_replicas"):
-        f = rt.get(key)
+        f = _ok(rt.get(key))
         if f and "skipped" not in f:
             out.append(
                 _target(
@@ -123,6 +128,15 @@ def evaluate_targets(r: dict[str, Any]) -> list[dict[str, Any]]:
                 )
             )
     return out
+
+
+def _ok(section: Any) -> dict[str, Any] | None:
+    """A section's results, or None if it was skipped or failed."""
+    return section if isinstance(section, dict) and "error" not in section else None
+
+
+def _rows(section: Any) -> list[dict[str, Any]]:
+    return section if isinstance(section, list) else []
 
 
 def _fmt(x: Any, digits: int = 0) -> str:
@@ -157,11 +171,12 @@ def print_report(r: dict[str, Any]) -> None:
         "errors",
     ):
         t.add_column(col, justify="left" if col == "scenario" else "right")
-    rows = list(r.get("scenarios", [])) + list(r.get("selectivity", []))
+    rows = list(r.get("scenarios", [])) + _rows(r.get("selectivity"))
     for side in ("server", "echo"):
-        rows += r.get("open_loop", {}).get(side, [])
-    if r.get("workers"):
-        rows.append(r["workers"]["scenario"])
+        rows += (_ok(r.get("open_loop")) or {}).get(side, [])
+    workers = _ok(r.get("workers"))
+    if workers:
+        rows.append(workers["scenario"])
     for s in rows:
         e = s["e2e"]["latency_us"]
         handler = s["server_side"].get("handler", {})
@@ -179,7 +194,7 @@ def print_report(r: dict[str, Any]) -> None:
             _fmt(sum(s["e2e"]["errors"].values())) if s["e2e"]["errors"] else "0",
         )
     console.print(t)
-    if r.get("selectivity"):
+    if _rows(r.get("selectivity")):
         st = Table(title="By filter selectivity (Recommend, k=20, c=1)")
         for col in (
             "level",
@@ -233,7 +248,7 @@ def write_plots(r: dict[str, Any], directory: Path) -> list[Path]:
 
     directory.mkdir(parents=True, exist_ok=True)
     written: list[Path] = []
-    ol = r.get("open_loop")
+    ol = _ok(r.get("open_loop"))
     if ol and ol.get("server"):
         fig, ax = plt.subplots(figsize=(7, 4.5))
         for side, style in (("server", "-"), ("echo", "--")):
@@ -259,7 +274,7 @@ def write_plots(r: dict[str, Any], directory: Path) -> list[Path]:
         fig.savefig(path, dpi=110)
         plt.close(fig)
         written.append(path)
-    sel = r.get("selectivity")
+    sel = _rows(r.get("selectivity"))
     if sel:
         fig, ax = plt.subplots(figsize=(7, 4.5))
         x = [s["selectivity_mean"] * 100 for s in sel]

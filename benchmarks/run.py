@@ -17,6 +17,7 @@ import platform
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -100,6 +101,15 @@ class Bench:
         self.log: list[str] = []
 
     # Helpers.
+    def section(self, into: dict[str, Any], name: str, run: Callable[[], Any]) -> None:
+        """into[name] = run(), or {"error": ...} if it fails: one broken section (a
+        server that will not start, a missing redis-server) must not lose the run."""
+        try:
+            into[name] = run()
+        except Exception as exc:
+            self.say(f"{name} failed: {exc!r}")
+            into[name] = {"error": f"{type(exc).__name__}: {exc}"[:2000]}
+
     def say(self, msg: str) -> None:
         stamp = time.strftime("%H:%M:%S")
         print(f"[{stamp}] {msg}", file=sys.stderr, flush=True)
@@ -191,9 +201,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     try:
         results |= run_main(b, args)
         if args.scale:
-            results["scaling"] = run_scaling(b, args)
+            b.section(results, "scaling", lambda: run_scaling(b, args))
         if args.compressed:
-            results["compressed"] = run_compressed(b, args)
+            b.section(results, "compressed", lambda: run_compressed(b, args))
     finally:
         b.client.close()
     results["machine"]["loadavg_end"] = list(os.getloadavg())
@@ -326,24 +336,33 @@ def run_main(b: Bench, args: argparse.Namespace) -> dict[str, Any]:
         }
 
         if "sweep" not in b.skip:
-            out["selectivity"] = run_sweep(b, server, engine, sweep, args)
+            b.section(out, "selectivity", lambda: run_sweep(b, server, engine, sweep, args))
         if "open_loop" not in b.skip:
-            out["open_loop"] = run_open_loop(b, server, echo, mixed, sc.qps, args)
+            b.section(out, "open_loop", lambda: run_open_loop(b, server, echo, mixed, sc.qps, args))
         out["memory_after_load"] = server.memory()
         out["memory"] = memory_report(out, built)
         if "realtime" not in b.skip:
-            out["realtime"] = run_realtime(b, server, engine, wl, recommend_mix, sc.qps)
+            b.section(
+                out,
+                "realtime",
+                lambda: run_realtime(b, server, engine, wl, recommend_mix, sc.qps),
+            )
     finally:
         server.stop()
         if echo is not None:
             echo.stop()
     if args.workers > 1 and "workers" not in b.skip:
-        out["workers"] = run_workers(b, built.root, mixed, args, sc.qps)
+        b.section(out, "workers", lambda: run_workers(b, built.root, mixed, args, sc.qps))
     if "replicas" not in b.skip and "realtime" not in b.skip:
         users, items, country = _fresh_users(engine, wl, 10)
         b.say("freshness across two replicas sharing Redis")
-        out.setdefault("realtime", {})["freshness_two_replicas"] = realtime.replicas_freshness(
-            lambda env: start_endcap(built.root, env=b.env | env), users, items, country
+        rt = out.get("realtime")
+        b.section(
+            rt if isinstance(rt, dict) else out,
+            "freshness_two_replicas",
+            lambda: realtime.replicas_freshness(
+                lambda env: start_endcap(built.root, env=b.env | env), users, items, country
+            ),
         )
     return out
 

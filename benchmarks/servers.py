@@ -28,6 +28,27 @@ def free_port() -> int:
         return port
 
 
+def free_ports(count: int) -> list[int]:
+    """`count` consecutive free loopback ports (workers serve metrics on base + i)."""
+    for _ in range(100):
+        base = free_port()
+        if base + count > 65535:
+            continue
+        socks = []
+        try:
+            for p in range(base, base + count):
+                s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+                socks.append(s)
+                s.bind((HOST, p))
+            return list(range(base, base + count))
+        except OSError:
+            continue
+        finally:
+            for s in socks:
+                s.close()
+    raise RuntimeError(f"no {count} consecutive free ports")
+
+
 def wait_serving(target: str, timeout_s: float, proc: subprocess.Popen[bytes]) -> None:
     """Block until gRPC health says SERVING; raise if the process dies or time runs out."""
     deadline = time.monotonic() + timeout_s
@@ -90,7 +111,7 @@ def start_endcap(
 ) -> ServerProcess:
     """`endcap serve` on a free loopback port (plus one metrics port per worker)."""
     port = free_port()
-    metrics = [free_port() for _ in range(workers)]
+    metrics = free_ports(workers)
     full_env = dict(os.environ)
     full_env.update(
         {
@@ -103,7 +124,6 @@ def start_endcap(
     )
     if workers > 1:
         full_env["ENDCAP_WORKERS"] = str(workers)
-        full_env["ENDCAP_WORKER_METRICS_PORTS"] = ",".join(str(p) for p in metrics)
     full_env.update(env or {})
     log = Path(tempfile.mkstemp(prefix="endcap-serve-", suffix=".log", dir=log_dir)[1])
     started = time.perf_counter()
