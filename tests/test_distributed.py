@@ -99,5 +99,10 @@ def test_sparse_gradients_average_over_processes(tmp_path: Path) -> None:
         torch.testing.assert_close(after.to_dense(), expected)
         assert model.device.weight.grad is not None
         torch.testing.assert_close(model.device.weight.grad, torch.ones(4, 4))
+        # A sparse table the batch never touched gets an empty sparse gradient, not dense
+        # zeros (which would make the lazy Adam decay every row's moments).
+        user_grad = model.user.weight.grad
+        assert user_grad is not None and user_grad.is_sparse and user_grad._nnz() == 0
+        assert model.brand.weight.grad is not None and not model.brand.weight.grad.is_sparse
     finally:
         dist.destroy_process_group()

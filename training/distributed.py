@@ -19,6 +19,7 @@ import argparse
 import hashlib
 import json
 import logging
+import math
 import os
 import sys
 import time
@@ -38,48 +39,75 @@ logger = logging.getLogger(__name__)
 
 
 def allreduce_gradients(model: TwoTower, world: int) -> None:
-    """Replace every parameter's gradient by its mean over the `world` processes."""
+    """Replace every parameter's gradient by its mean over the `world` processes.
+
+    Two collectives per step, whatever the number of tables: an all_gather of
+    each rank's sparse row counts, then one all_gather of a flat float32
+    buffer holding the dense gradients and every sparse table's (row, value)
+    pairs, padded to the largest rank's count. Collectives, not bytes, are
+    what costs on a busy 2-core box: each is a rendezvous of all ranks.
+    """
+    # Which tables have sparse gradients is fixed by the model, not by this step's batch,
+    # so every rank packs the same layout even if a table got no gradient here.
+    sparse_ids = {
+        id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Embedding) and m.sparse
+    }
     params = [p for p in model.parameters() if p.requires_grad]
-    dense = [p for p in params if p.grad is None or not p.grad.is_sparse]
-    flat = torch.cat(
-        [(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in dense]
-    )
-    dist.all_reduce(flat)
-    flat.div_(world)
+    dense = [p for p in params if id(p) not in sparse_ids]
+    sparse = [p for p in params if id(p) in sparse_ids]
+    grads = [_sparse_grad(p) for p in sparse]
+    counts = torch.tensor([g.indices().shape[1] for g in grads], dtype=torch.int64)
+    every = [torch.empty_like(counts) for _ in range(world)]
+    dist.all_gather(every, counts)
+    per_rank = torch.stack(every)  # (world, tables)
+    longest = per_rank.max(dim=0).values.tolist()
+    widths = [math.prod(p.shape[1:]) for p in sparse]  # floats per row
+    flat = [_grad(p).reshape(-1).to(torch.float32) for p in dense]
+    for g, size, width in zip(grads, longest, widths, strict=True):
+        rows = torch.zeros(size, dtype=torch.int32)
+        rows[: g.indices().shape[1]] = g.indices()[0].to(torch.int32)
+        values = torch.zeros((size, width), dtype=torch.float32)
+        values[: g.indices().shape[1]] = g.values().reshape(-1, width)
+        # Row numbers ride in the float buffer bit for bit (a view, never arithmetic).
+        flat += [rows.view(torch.float32), values.reshape(-1)]
+    buffer = torch.cat(flat)
+    gathered = [torch.empty_like(buffer) for _ in range(world)]
+    dist.all_gather(gathered, buffer)
+    stacked = torch.stack(gathered)  # (world, length)
     offset = 0
     for p in dense:
         size = p.numel()
-        p.grad = flat[offset : offset + size].view_as(p)
+        p.grad = stacked[:, offset : offset + size].sum(dim=0).div_(world).view_as(p).to(p.dtype)
         offset += size
-    for p in params:
-        if p.grad is not None and p.grad.is_sparse:
-            p.grad = _mean_sparse(p.grad, world)
+    for t, (p, size, width) in enumerate(zip(sparse, longest, widths, strict=True)):
+        rows = stacked[:, offset : offset + size].contiguous().view(torch.int32)
+        offset += size
+        values = stacked[:, offset : offset + size * width].reshape(world, size, width)
+        offset += size * width
+        keep = torch.arange(size).unsqueeze(0) < per_rank[:, t].unsqueeze(1)  # (world, size)
+        shape = p.shape
+        # Rows come from coalesced gradients of this very table: in range by construction.
+        p.grad = torch.sparse_coo_tensor(
+            rows[keep].to(torch.int64).unsqueeze(0),
+            values[keep].div_(world).reshape(-1, *shape[1:]).to(p.dtype),
+            shape,
+            check_invariants=False,
+        ).coalesce()
 
 
-def _mean_sparse(grad: torch.Tensor, world: int) -> torch.Tensor:
-    """The mean over processes of a sparse row gradient (rows x dim, COO)."""
-    grad = grad.coalesce()
-    rows, values = grad.indices()[0], grad.values()
-    count = torch.tensor([rows.numel()], dtype=torch.int64)
-    counts = [torch.zeros_like(count) for _ in range(world)]
-    dist.all_gather(counts, count)
-    longest = max(int(c) for c in counts)
-    # all_gather wants equal shapes: pad to the longest, then cut each back.
-    padded_rows = torch.zeros(longest, dtype=rows.dtype)
-    padded_rows[: rows.numel()] = rows
-    padded_values = torch.zeros((longest, *values.shape[1:]), dtype=values.dtype)
-    padded_values[: rows.numel()] = values
-    all_rows = [torch.empty_like(padded_rows) for _ in range(world)]
-    all_values = [torch.empty_like(padded_values) for _ in range(world)]
-    dist.all_gather(all_rows, padded_rows)
-    dist.all_gather(all_values, padded_values)
-    merged_rows = torch.cat([r[: int(c)] for r, c in zip(all_rows, counts, strict=True)])
-    merged_values = torch.cat([v[: int(c)] for v, c in zip(all_values, counts, strict=True)])
-    # Rows come from coalesced gradients of this very table: in range by construction.
-    mean = torch.sparse_coo_tensor(
-        merged_rows.unsqueeze(0), merged_values.div_(world), grad.shape, check_invariants=False
-    ).coalesce()
-    return mean
+def _grad(p: torch.Tensor) -> torch.Tensor:
+    return p.grad if p.grad is not None else torch.zeros_like(p)
+
+
+def _sparse_grad(p: torch.Tensor) -> torch.Tensor:
+    if p.grad is None:
+        return torch.sparse_coo_tensor(
+            torch.zeros((1, 0), dtype=torch.int64),
+            torch.zeros((0, *p.shape[1:]), dtype=p.dtype),
+            p.shape,
+            check_invariants=True,
+        ).coalesce()
+    return p.grad.coalesce()
 
 
 def weights_digest(model: TrainedModel) -> str:
