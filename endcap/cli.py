@@ -141,6 +141,7 @@ def _add_evaluate_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--epochs", type=int, help="two-tower epochs (default: TrainConfig)")
     p.add_argument("--dim", type=int, default=64, help="embedding dimension")
     p.add_argument("--json", type=Path, help="also write the report as JSON here")
+    p.add_argument("--plot", type=Path, help="also draw test NDCG@10/Recall@10 per model (PNG)")
     p.add_argument(
         "--baselines",
         default="MostPop,SegmentPop,ALS,EASE",

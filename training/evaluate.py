@@ -1288,6 +1288,8 @@ def run_command(args: argparse.Namespace) -> int:
     from training.synthetic import StoreConfig
 
     console = Console()
+    if not console.is_terminal:
+        console = Console(width=150)  # logs and pipes: whole tables, not 80 columns
 
     def say(message: str) -> None:
         console.print(f"[dim]{time.strftime('%H:%M:%S')} {message}[/dim]")
@@ -1365,6 +1367,10 @@ def run_command(args: argparse.Namespace) -> int:
         report = evaluate_dataset(loaded.dataset, config, artifacts=args.artifacts, progress=say)
         report["load"] = [r.to_json() for r in loaded.reports]
         print_report(report, console)
+        if args.plot:
+            from training.report import plot_evaluation
+
+            console.print(f"wrote {plot_evaluation(report, args.plot)}")
     if args.json:
         args.json.write_text(json.dumps(report, indent=2, default=_json_default) + "\n")
         console.print(f"wrote {args.json}")

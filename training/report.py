@@ -222,3 +222,22 @@ def _plot_segments(segments: Mapping[str, Mapping[str, Mapping[str, float]]], pa
         ax.set_title(f"validation NDCG@10 by {group}", fontsize="medium")
         ax.tick_params(axis="x", labelrotation=60, labelsize="small")
     fig.savefig(path)
+
+
+def plot_evaluation(report: Mapping[str, Any], path: Path) -> Path:
+    """A bar chart of test NDCG@10 and Recall@10 per model from an `endcap evaluate` report."""
+    models = [m for m in report["models"] if m.get("test")]
+    names = [str(m["name"]).replace(" (artifact + FAISS)", "\n(artifact+FAISS)") for m in models]
+    fig = _figure(max(5.0, 1.1 * len(models)), 3.2)
+    ax = fig.subplots()
+    x = np.arange(len(models))
+    for offset, metric, color in ((-0.2, "ndcg@10", "tab:blue"), (0.2, "recall@10", "tab:orange")):
+        values = [m["test"].get(metric, 0.0) for m in models]
+        ax.bar(x + offset, values, width=0.4, label=f"test {metric}", color=color)
+    ax.set_xticks(x, names, fontsize="small", rotation=20, ha="right")
+    ax.set_title(f"{report['dataset']['name']}: per-user temporal split", fontsize="medium")
+    top = max((m["test"].get("recall@10", 0.0) for m in models), default=0.0)
+    ax.set_ylim(0, 1.25 * top if top > 0 else 1.0)
+    ax.legend(fontsize="small", loc="upper center", ncols=2)
+    fig.savefig(path)
+    return path
