@@ -107,6 +107,16 @@ def test_without_an_items_file_items_come_from_interactions(tmp_path: Path) -> N
     assert ds.category_names == ("unknown",) and list(ds.item_price) == [1.0, 1.0]
 
 
+def test_compressed_tab_separated_files(tmp_path: Path) -> None:
+    import gzip
+
+    path = tmp_path / "events.tsv.gz"
+    path.write_bytes(gzip.compress(b"user_id\titem_id\ttimestamp\na\tx\t1\nb\ty\tnope\n"))
+    with pytest.raises(LoadError, match=r"events\.tsv\.gz line 3, column timestamp: 'nope'"):
+        load_shop(ShopFiles(interactions=path))
+    assert load_shop(ShopFiles(interactions=path, on_invalid="skip")).dataset.name == "events"
+
+
 def test_small_chunks_keep_line_numbers(tmp_path: Path) -> None:
     rows = [f"u{i},i{i},{1767225600 + i}" for i in range(40)]
     rows[30] = "u30,i30,yesterday"

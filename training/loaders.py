@@ -277,6 +277,9 @@ class ShopFiles:
     `base_currency`). Interactions on items missing from the items file are
     skipped and counted.
 
+    CSV files (or TSV, or either compressed: .gz, .bz2, .zst) have a header
+    line and one row per line (no line breaks inside quoted values).
+
     on_invalid="raise" stops at the first malformed value with a LoadError
     naming file, line and column; "skip" leaves such rows out, counted by
     reason in the report. Rows read in chunks of `chunk_rows`: memory grows
