@@ -204,7 +204,9 @@ def _plot_validation(model: TrainedModel, path: Path) -> None:
     ax.set_xlabel("epoch (dotted: popularity)")
     ax.set_ylabel("validation")
     ax.set_xticks(epochs)
-    ax.legend(fontsize="small")
+    top = max(max(s.metrics.values()) for s in model.history)
+    ax.set_ylim(0, 1.35 * top if top > 0 else 1.0)  # headroom: the legend sits above the lines
+    ax.legend(fontsize="small", loc="upper center", ncols=len(METRIC_NAMES))
     fig.savefig(path)
 
 
