@@ -15,7 +15,7 @@ import numpy.typing as npt
 import pytest
 from rich.console import Console
 
-from training.baselines import EASE, MostPop
+from training.baselines import EASE, MostPop, solve_cg
 from training.ml100k import DatasetUnavailable, cache_dir_from_env, default_cache_dir, load_ml100k
 from training.protocol import (
     PROTOCOL_MD5,
@@ -241,6 +241,19 @@ def test_evaluate_rejects_bad_scores() -> None:
 def test_mean_std() -> None:
     assert mean_std([1.0, 2.0, 3.0]) == {"mean": 2.0, "std": 1.0}
     assert mean_std([4.0]) == {"mean": 4.0, "std": 0.0}
+
+
+def test_als_cg_converges_to_the_exact_half_step() -> None:
+    rng = np.random.default_rng(0)
+    observed = (rng.random((6, 9)) < 0.4).astype(np.float64)
+    fixed = rng.normal(size=(9, 4))
+    reg, alpha = 0.5, 2.0
+    got = solve_cg(observed, fixed, np.zeros((6, 4)), reg, alpha, steps=8)
+    for r in range(6):
+        y = fixed[observed[r] > 0]
+        a = fixed.T @ fixed + reg * np.eye(4) + alpha * y.T @ y
+        want = np.linalg.solve(a, (1 + alpha) * y.sum(axis=0))
+        np.testing.assert_allclose(got[r], want, atol=1e-8)
 
 
 def test_ease_recovers_co_occurrence() -> None:
