@@ -16,6 +16,8 @@ import numpy.typing as npt
 if TYPE_CHECKING:
     from rich.console import Console
 
+    from training.sequential import SeqConfig
+
 Phase = Literal["valid", "test"]
 # Users batch (int64 user indexes) -> scores (batch, n_items); higher is better.
 ScoreFn = Callable[[npt.NDArray[np.int64]], npt.NDArray[np.floating]]
@@ -308,23 +310,37 @@ TARGET_RECALL10 = 0.1437
 REPORT_METRICS = ("recall@10", "ndcg@10", "hit@10", "recall@50", "coverage@10", "pop_pct@10")
 
 
+@dataclass(frozen=True, slots=True)
+class _Fitted:
+    """One model fitted for one seed, ready to score test."""
+
+    score: ScoreFn  # reads train + valid history
+    params: dict[str, object]
+    valid_ndcg10: float
+    extras: dict[str, float]  # per-run facts, e.g. the early-stopping epoch
+
+
 def _run_model(
-    name: str,
-    fit: Callable[[int], tuple[ScoreFn, dict[str, object], float]],
-    split: Split,
-    seeds: Sequence[int],
+    name: str, fit: Callable[[int], _Fitted], split: Split, seeds: Sequence[int]
 ) -> dict[str, object]:
     """Fit once per seed, score test; aggregate mean and std per metric."""
     runs: list[dict[str, float]] = []
     params: dict[str, object] = {}
     for seed in seeds:
         start, start_cpu = time.perf_counter(), time.process_time()
-        score, params, valid_ndcg = fit(seed)
+        fitted = fit(seed)
         train_s = time.perf_counter() - start
         train_cpu_s = time.process_time() - start_cpu
-        metrics = evaluate(score, split, "test")
+        params = fitted.params
         runs.append(
-            metrics | {"valid_ndcg@10": valid_ndcg, "train_s": train_s, "train_cpu_s": train_cpu_s}
+            {"seed": seed}
+            | evaluate(fitted.score, split, "test")
+            | {
+                "valid_ndcg@10": fitted.valid_ndcg10,
+                "train_s": train_s,
+                "train_cpu_s": train_cpu_s,
+            }
+            | fitted.extras
         )
     return {
         "name": name,
@@ -342,6 +358,7 @@ def evaluate_ml100k(
     cache_dir: Path | None = None,
     models: Sequence[str] = ("MostPop", "EASE", "ALS", "SASRec"),
     progress: Callable[[str], None] | None = None,
+    sequential_config: SeqConfig | None = None,
 ) -> dict[str, object]:
     """Run the PROTOCOL.md comparison; a JSON-ready report.
 
@@ -350,7 +367,10 @@ def evaluate_ml100k(
     scored on test; metrics are mean and sample std over seeds. train_s
     (wall clock) and train_cpu_s (process CPU time, stable on a shared
     machine) include fitting and the valid evaluation used for early stopping.
+    `sequential_config` overrides the tuned SeqConfig (e.g. fewer epochs).
     """
+    from dataclasses import asdict
+
     from training.baselines import ALS, EASE, MostPop
     from training.ml100k import load_ml100k
     from training.sequential import SeqConfig, train_sequential
@@ -364,23 +384,39 @@ def evaluate_ml100k(
     def valid_ndcg(score: ScoreFn) -> float:
         return evaluate(score, split, "valid")["ndcg@10"]
 
-    def fit_mostpop(seed: int) -> tuple[ScoreFn, dict[str, object], float]:
+    def fit_mostpop(seed: int) -> _Fitted:
         model = MostPop.fit(split)
-        return model.scorer(test_history), {}, valid_ndcg(model.scorer(valid_history))
+        return _Fitted(model.scorer(test_history), {}, valid_ndcg(model.scorer(valid_history)), {})
 
-    def fit_ease(seed: int) -> tuple[ScoreFn, dict[str, object], float]:
-        model = EASE.fit(split)
-        params: dict[str, object] = {"l2": 100.0}
-        return model.scorer(test_history), params, valid_ndcg(model.scorer(valid_history))
+    def fit_ease(seed: int) -> _Fitted:
+        l2 = 100.0  # baselines.tune_ease
+        model = EASE.fit(split, l2=l2)
+        return _Fitted(
+            model.scorer(test_history), {"l2": l2}, valid_ndcg(model.scorer(valid_history)), {}
+        )
 
-    def fit_als(seed: int) -> tuple[ScoreFn, dict[str, object], float]:
-        params: dict[str, object] = {"factors": 64, "reg": 10.0, "alpha": 1.0, "iterations": 15}
-        model = ALS.fit(split, seed=seed)
-        return model.scorer(test_history), params, valid_ndcg(model.scorer(valid_history))
+    def fit_als(seed: int) -> _Fitted:
+        factors, reg, alpha, iterations = 64, 10.0, 1.0, 15  # baselines.tune_als
+        model = ALS.fit(split, factors, reg, alpha, iterations, seed)
+        params: dict[str, object] = {
+            "factors": factors,
+            "reg": reg,
+            "alpha": alpha,
+            "iterations": iterations,
+        }
+        return _Fitted(
+            model.scorer(test_history), params, valid_ndcg(model.scorer(valid_history)), {}
+        )
 
-    def fit_sasrec(seed: int) -> tuple[ScoreFn, dict[str, object], float]:
-        model = train_sequential(split, SeqConfig(), seed)
-        return model.scorer(test_history), model.params(), model.valid_ndcg10
+    def fit_sasrec(seed: int) -> _Fitted:
+        config = sequential_config or SeqConfig()
+        model = train_sequential(split, config, seed)
+        return _Fitted(
+            model.scorer(test_history),
+            dict(asdict(config)),
+            model.valid_ndcg10,
+            {"best_epoch": model.best_epoch, "epochs": len(model.curve)},
+        )
 
     fits = {"MostPop": fit_mostpop, "EASE": fit_ease, "ALS": fit_als, "SASRec": fit_sasrec}
     unknown = sorted(set(models) - set(fits))

@@ -1,12 +1,11 @@
-"""SASRec-style sequential recommender: trained in torch, user side encoded in numpy.
+"""SASRec-style sequential recommender: trained in torch, user side encoded in numpy."""
 
-The user vector is a causal transformer's output at the most recent of the
-user's last `max_len` items; a score is its dot product with a row of
-`item_embeddings` (the same table embeds the input items), so FAISS
-inner-product search serves it. `encode_sequence` is the numpy forward pass
-the server runs; importing this module does not import torch (training
-functions import it when called).
-"""
+# The user vector is a causal transformer's output at the most recent of the
+# user's last max_len items; a score is its dot product with a row of
+# item_embeddings (the same table embeds the input items), so FAISS
+# inner-product search serves it. encode_sequence(s) is the numpy forward pass
+# the server runs: importing this module does not import torch, only the
+# training functions do, when called.
 
 from __future__ import annotations
 
@@ -14,7 +13,7 @@ import logging
 import math
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -234,9 +233,6 @@ class SequentialModel:
 
         return score
 
-    def params(self) -> dict[str, Any]:
-        return asdict(self.config) | {"best_epoch": self.best_epoch}
-
 
 # ---- torch (training) ---------------------------------------------------------
 
@@ -311,8 +307,10 @@ def left_padded(history: Part, users: npt.NDArray[np.int64], length: int) -> npt
 def _windows(
     lengths: npt.NDArray[np.int64], length: int, rng: np.random.Generator
 ) -> npt.NDArray[np.int64]:
-    """(user, end) pairs, int64 (w, 2), whose targets [end - length, end) cover
-    every train position >= 1 once; boundaries shift randomly between epochs.
+    """(user, end) pairs, int64 (w, 2): windows whose targets [end - length, end)
+    cover every train position >= 1. One window always ends at the user's last
+    item; the others' boundaries shift randomly between epochs, so the most
+    recent positions may be covered twice.
     """
     out: list[tuple[int, int]] = []
     for u, n in enumerate(lengths.tolist()):
@@ -424,6 +422,13 @@ def train_sequential(
             stale += 1
             if stale >= config.patience:
                 break
+    logger.info(
+        "sequential model: best epoch %d of %d, valid ndcg@10 %.4f, %.0f s",
+        best_epoch,
+        len(curve),
+        best,
+        time.perf_counter() - start,
+    )
     return SequentialModel(
         weights=best_weights,
         config=config,
