@@ -132,6 +132,47 @@ def test_live_rows_are_found_next_to_the_read_only_index(engine: Engine) -> None
         assert row in exact.ids
 
 
+def test_brand_filters_follow_live_brand_changes(engine: Engine) -> None:
+    """Brand bitmaps are cached; moving items between brands must show at once."""
+    from server.domain.filters import FilterSpec
+
+    cat = engine.catalog
+    fi = cat.filters
+
+    def passing(brands: tuple[int, ...]) -> set[int]:
+        spec = FilterSpec(brands=brands, in_stock_only=False)
+        return set(fi.compile(spec).passing_ids().tolist())
+
+    def truth(brands: tuple[int, ...]) -> set[int]:
+        rows = np.flatnonzero(np.isin(cat.brand[: cat.n], brands) & cat.alive[: cat.n])
+        return set(rows.tolist())
+
+    a, b = (int(x) for x in np.bincount(cat.brand[: cat.n]).argsort()[-2:])
+    for brands in ((a,), (b,), (a, b)):
+        assert passing(brands) == truth(brands)  # builds and caches the bitmaps
+    rows_a = sorted(truth((a,)))[:3]
+    name_b = cat.brand_names[b]
+    moved = [
+        (i, ItemUpdate(item_id=cat.item_ids(np.array([r]))[0], brand=name_b))
+        for i, r in enumerate(rows_a)
+    ]
+    fresh = [
+        (
+            9,
+            ItemUpdate(
+                item_id="brand-new-item",
+                category=cat.category_names[-1],
+                price=3.0,
+                brand="Brand New Co",
+            ),
+        )
+    ]
+    assert engine.upsert(moved + fresh)[2] == []
+    new_brand = cat.brand_names.index("Brand New Co")
+    for brands in ((a,), (b,), (a, b), (new_brand,)):
+        assert passing(brands) == truth(brands), brands
+
+
 @settings(max_examples=200, deadline=None)
 @given(st.lists(st.booleans(), min_size=0, max_size=700), st.integers(0, 3))
 def test_to_ids_lists_set_bits_ascending(bits: list[bool], shift: int) -> None:

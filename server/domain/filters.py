@@ -12,6 +12,7 @@ candidate ids that reach it.
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from dataclasses import dataclass
 
 import numpy as np
@@ -206,6 +207,9 @@ class FilterIndex:
         self.brand_indptr = np.searchsorted(brand[order], np.arange(n_brands + 1)).astype(np.int64)
         self.brand_extra: dict[int, set[int]] = {}
         self.brand_moved = np.zeros(w, dtype=U64)
+        # Built brand bitmaps, least recently used first, bounded to ~32 MB.
+        self._brand_cache: OrderedDict[int, npt.NDArray[np.uint64]] = OrderedDict()
+        self._brand_cache_size = max(4, (32 << 20) // max(w * 8, 1))
         # Cumulative price buckets: le_bits[j] = items priced <= edges[j]; items
         # above the last edge (live price rises) sit in no bucket.
         price = np.asarray(price)
@@ -270,6 +274,8 @@ class FilterIndex:
             _set(self.category_bits[self.ancestors(new)], row, True)
         if brand is not None:
             old, new = brand
+            # A moved row changes both brands' bitmaps (and brand_moved, read by all).
+            self._brand_cache.clear()
             if old >= 0:
                 self.brand_extra.get(old, set()).discard(row)
             if row < self.n:
@@ -289,17 +295,31 @@ class FilterIndex:
         _set(self.alive_bits, row, alive)
 
     def _brand_bits(self, brands: tuple[int, ...]) -> npt.NDArray[np.uint64]:
+        bits = self._brand_bitmap(brands[0]).copy()
+        for b in brands[1:]:
+            bits |= self._brand_bitmap(b)
+        return bits
+
+    def _brand_bitmap(self, brand: int) -> npt.NDArray[np.uint64]:
+        """One brand's bitmap, from its id list; the most recently used are cached
+        (~0.2 ms to build for a 10k-item brand at 1M items, us to reuse)."""
+        cached = self._brand_cache.get(brand)
+        if cached is not None:
+            self._brand_cache.move_to_end(brand)
+            return cached
         n_bits = self.alive_bits.shape[0] * 64
-        base = [
-            self.brand_items[self.brand_indptr[b] : self.brand_indptr[b + 1]]
-            for b in brands
-            if b < self.brand_indptr.shape[0] - 1
-        ]
-        bits = from_ids(np.concatenate(base), n_bits) if base else np.zeros_like(self.alive_bits)
-        bits &= ~self.brand_moved
-        extra = [r for b in brands for r in self.brand_extra.get(b, ())]
+        if brand < self.brand_indptr.shape[0] - 1:
+            ids = self.brand_items[self.brand_indptr[brand] : self.brand_indptr[brand + 1]]
+            bits = from_ids(ids, n_bits)
+            bits &= ~self.brand_moved
+        else:
+            bits = np.zeros_like(self.alive_bits)
+        extra = self.brand_extra.get(brand)
         if extra:
-            bits |= from_ids(np.asarray(extra, dtype=np.int64), n_bits)
+            bits |= from_ids(np.fromiter(extra, dtype=np.int64, count=len(extra)), n_bits)
+        self._brand_cache[brand] = bits
+        if len(self._brand_cache) > self._brand_cache_size:
+            self._brand_cache.popitem(last=False)
         return bits
 
     def compile(self, spec: FilterSpec) -> Compiled:
@@ -313,7 +333,9 @@ class FilterIndex:
             bits &= self.stock_bits
         if spec.include_categories is not None:
             bits &= (
-                np.bitwise_or.reduce(self.category_bits[list(spec.include_categories)], axis=0)
+                self.category_bits[spec.include_categories[0]]
+                if len(spec.include_categories) == 1
+                else np.bitwise_or.reduce(self.category_bits[list(spec.include_categories)], axis=0)
                 if spec.include_categories
                 else U64(0)
             )
