@@ -311,3 +311,108 @@ def write_plots(r: dict[str, Any], directory: Path) -> list[Path]:
         plt.close(fig)
         written.append(path)
     return written
+
+
+def to_markdown(r: dict[str, Any]) -> str:
+    """The run as Markdown tables (what benchmarks/README.md quotes)."""
+    m = r["machine"]
+    out = [
+        f"Command: `{r['command']}`  ",
+        f"Run: {r['started_at']}, {r['duration_s']} s; {m['cores']} cores ({m['cpu']}), "
+        f"{m['memory_gb']} GB RAM, kernel {m['kernel']}, Python {m['python']}, numpy "
+        f"{m['numpy']}, faiss {m['faiss']}, grpcio {m['grpcio']}; load average "
+        f"{m['loadavg_start'][0]:.1f} at start, {m['loadavg_end'][0]:.1f} at end "
+        "(other engineers' jobs share the host).",
+        "",
+        "| target | measured | wanted | met |",
+        "|---|---|---|---|",
+    ]
+    for g in r.get("targets", []):
+        value = g["value"]
+        shown = f"{value:,.3f}" if isinstance(value, float) else str(value)
+        detail = f" ({g['detail']})" if g["detail"] else ""
+        met = "-" if g["met"] is None else ("yes" if g["met"] else "**no**")
+        out.append(f"| {g['name']} | {shown}{detail} | {g['target']} | {met} |")
+    out += [
+        "",
+        "| scenario | QPS | e2e p50 | p90 | p99 | p99.9 | max | server p50 | server p99 | errors |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    rows = list(r.get("scenarios", []))
+    workers = _ok(r.get("workers"))
+    if workers:
+        rows.append(workers["scenario"])
+    for s in rows:
+        e = s["e2e"]["latency_us"]
+        handler = s["server_side"].get("handler", {})
+        h = next(iter(handler.values()), {}) if len(handler) == 1 else handler.get("Recommend", {})
+        errors = sum(s["e2e"]["errors"].values())
+        out.append(
+            f"| {s['name']} | {_fmt(s['e2e']['achieved_qps'])} | {_fmt(e['p50'])} | "
+            f"{_fmt(e['p90'])} | {_fmt(e['p99'])} | {_fmt(e['p999'])} | {_fmt(e['max'])} | "
+            f"{_fmt(h.get('p50_us'))} | {_fmt(h.get('p99_us'))} | {errors} |"
+        )
+    sel = _rows(r.get("selectivity"))
+    if sel:
+        out += [
+            "",
+            "| passing | items | server p50 | server p99 | ≤ 1 ms | e2e p50 | recall@20 (p10) | "
+            "plans | search in-process p50 | raw FAISS p50 (nprobe, recall) |",
+            "|---|---|---|---|---|---|---|---|---|---|",
+        ]
+        for s in sel:
+            h = s["server_side"].get("handler", {}).get("Recommend", {})
+            f = s["index_floor"]
+            plans = ", ".join(f"{k} {v}" for k, v in s["in_process"]["plans"].items())
+            out.append(
+                f"| {s['label']} | {s['passing_items_mean']:,} | {_fmt(h.get('p50_us'))} | "
+                f"{_fmt(h.get('p99_us'))} | {_fmt(h.get('within_1ms'), 3)} | "
+                f"{_fmt(s['e2e']['latency_us']['p50'])} | {s['recall_at_20']:.3f} "
+                f"({s['recall_at_20_p10']:.2f}) | {plans} | "
+                f"{_fmt(s['in_process']['search_us']['p50'])} | {_fmt(f['filtered_us']['p50'])} "
+                f"({_fmt(f['nprobe_median'])}, {f['recall_at_k']:.3f}) |"
+            )
+    scaling = _rows(r.get("scaling"))
+    if scaling:
+        out += [
+            "",
+            "| items | e2e p50 | e2e p99 | server p50 | server p99 | RSS MB | bytes/item "
+            "| index build s | load s |",
+            "|---|---|---|---|---|---|---|---|---|",
+        ]
+        for s in scaling:
+            h = s["server_side"].get("handler", {}).get("Recommend", {})
+            rss = s["memory"]["rss_mb"]
+            out.append(
+                f"| {s['items']:,} | {_fmt(s['e2e_us']['p50'])} | {_fmt(s['e2e_us']['p99'])} | "
+                f"{_fmt(h.get('p50_us'))} | {_fmt(h.get('p99_us'))} | {_fmt(rss)} | "
+                f"{_fmt(rss * 2**20 / s['items'])} | {s['catalog']['index_build_s']:.1f} | "
+                f"{s['ready_s']:.1f} |"
+            )
+    comp = _ok(r.get("compressed"))
+    if comp:
+        out += [
+            "",
+            f"IVF-PQ ({comp['catalog']['spec']['pq_m']} bytes/vector, index file "
+            f"{comp['catalog']['index_bytes'] / 2**20:.0f} MB, built in "
+            f"{comp['catalog']['index_build_s']:.0f} s), serving RSS "
+            f"{comp['memory']['rss_mb']:.0f} MB:",
+            "",
+            "| passing | server p50 | server p99 | recall@20 | plans |",
+            "|---|---|---|---|---|",
+        ]
+        for s in _rows(comp.get("selectivity")):
+            h = s["server_side"].get("handler", {}).get("Recommend", {})
+            plans = ", ".join(f"{k} {v}" for k, v in s["in_process"]["plans"].items())
+            out.append(
+                f"| {s['label']} | {_fmt(h.get('p50_us'))} | {_fmt(h.get('p99_us'))} | "
+                f"{s['recall_at_20']:.3f} | {plans} |"
+            )
+    return "\n".join(out) + "\n"
+
+
+if __name__ == "__main__":
+    import json
+    import sys
+
+    print(to_markdown(json.loads(Path(sys.argv[1]).read_text())))
