@@ -64,16 +64,20 @@ def to_ids(bits: npt.NDArray[np.uint64]) -> npt.NDArray[np.int64]:
 
     Non-zero words, then their non-zero bytes, then each byte's set bits from a
     256-entry table: no 64-way unpacking of every word (4-5x faster at 1-5%
-    density on 1M items).
+    density on 1M items). `x != 0` before flatnonzero: numpy's bool path is ~4x
+    faster than its integer one.
     """
-    nz_words = np.flatnonzero(bits)
+    nz_words = np.flatnonzero(bits != 0)
     if nz_words.size == 0:
         return np.empty(0, dtype=np.int64)
     as_bytes = bits[nz_words].view(np.uint8)
-    nz_bytes = np.flatnonzero(as_bytes)
+    nz_bytes = np.flatnonzero(as_bytes != 0)
     values = as_bytes[nz_bytes]
-    per_byte = _BYTE_COUNT[values]
     first_bit = (nz_words[nz_bytes >> 3].astype(np.int64) << 6) + ((nz_bytes & 7) << 3)
+    per_byte = _BYTE_COUNT[values]
+    if int(per_byte.sum()) == values.shape[0]:  # sparse: one bit per byte, no expansion
+        sparse: npt.NDArray[np.int64] = first_bit + _BYTE_BITS[_BYTE_START[values]]
+        return sparse
     owner = np.repeat(np.arange(values.shape[0]), per_byte)
     rank = np.arange(owner.shape[0]) - (np.cumsum(per_byte) - per_byte)[owner]
     out: npt.NDArray[np.int64] = first_bit[owner] + _BYTE_BITS[_BYTE_START[values][owner] + rank]
