@@ -41,7 +41,9 @@ def requests_for(wl: Workload, scenario: str) -> list[Planned]:
         return [
             Planned(
                 "Rerank",
-                wl.rerank(wl.persona(), wl.filters("country", wl.persona()), 500).SerializeToString(),
+                wl.rerank(
+                    wl.persona(), wl.filters("country", wl.persona()), 500
+                ).SerializeToString(),
                 "rerank500",
                 "country",
                 0.0,

@@ -144,7 +144,7 @@ def test_brand_filters_follow_live_brand_changes(engine: Engine) -> None:
         return set(fi.compile(spec).passing_ids().tolist())
 
     def truth(brands: tuple[int, ...]) -> set[int]:
-        rows = np.flatnonzero(np.isin(cat.brand[: cat.n], brands) & cat.alive[: cat.n])
+        rows = np.flatnonzero(np.isin(cat.brand[: cat.n], brands) & cat.alive[: cat.n].astype(bool))
         return set(rows.tolist())
 
     a, b = (int(x) for x in np.bincount(cat.brand[: cat.n]).argsort()[-2:])
