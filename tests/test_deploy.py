@@ -58,7 +58,6 @@ K8S_VERSIONS = ("1.29.0", "1.37.0")
 # add a name here (with the issue that brings it) and remove it when it lands.
 # Anything else must exist today.
 UPCOMING_METRICS: frozenset[str] = frozenset()
-UPCOMING_ENV = frozenset({"ENDCAP_API_KEYS"})  # auth interceptor (issue 7)
 
 
 def require(tool: str) -> str:
@@ -406,7 +405,7 @@ def test_probes_call_the_grpc_health_service_on_the_serving_port() -> None:
 def test_configmap_is_valid_settings() -> None:
     env = configmap_env()
     fields = {f"ENDCAP_{name.upper()}" for name in Settings.__dataclass_fields__}
-    unknown = set(env) - fields - UPCOMING_ENV
+    unknown = set(env) - fields
     assert not unknown, f"ConfigMap sets variables Settings does not read: {sorted(unknown)}"
     settings = Settings.from_env(env)  # raises SettingsError naming a bad value
     assert settings.host == "0.0.0.0"
@@ -414,10 +413,25 @@ def test_configmap_is_valid_settings() -> None:
     assert str(settings.artifacts) == mounts["artifacts"]
 
 
-def test_secret_keys_are_known_settings() -> None:
-    secret = k8s("Secret", "endcap-secrets")
-    fields = {f"ENDCAP_{name.upper()}" for name in Settings.__dataclass_fields__}
-    assert set(secret["stringData"]) <= fields | UPCOMING_ENV
+def test_the_api_key_secret_is_the_key_file_the_server_reads(tmp_path: Path) -> None:
+    """Pods listen beyond loopback, so auth must be on: the ConfigMap's key file path
+    is where the Deployment mounts the Secret, and the Secret parses as a key file
+    that grants every role."""
+    from server.transport.auth import ROLES, ApiKeys
+
+    secret = k8s("Secret", "endcap-api-keys")
+    (filename,) = secret["stringData"]
+    spec = k8s("Deployment", "endcap")["spec"]["template"]["spec"]
+    (volume,) = [v for v in spec["volumes"] if "secret" in v]
+    assert volume["secret"]["secretName"] == "endcap-api-keys"
+    (mount,) = [m for m in server_container()["volumeMounts"] if m["name"] == volume["name"]]
+    assert mount["readOnly"] is True
+    settings = Settings.from_env(configmap_env())
+    assert settings.api_keys_file == f"{mount['mountPath']}/{filename}"
+    path = tmp_path / filename
+    path.write_text(secret["stringData"][filename])
+    keys = ApiKeys.load(path)
+    assert set(ROLES) == {role for _, roles in keys.entries for role in roles}
 
 
 def test_references_between_objects_resolve() -> None:
@@ -429,6 +443,8 @@ def test_references_between_objects_resolve() -> None:
             if "persistentVolumeClaim" in volume:
                 claim = volume["persistentVolumeClaim"]["claimName"]
                 assert ("PersistentVolumeClaim", claim) in names, owner
+            if "secret" in volume:
+                assert ("Secret", volume["secret"]["secretName"]) in names, owner
         for container in spec["containers"]:
             for source in container.get("envFrom", []):
                 for kind, key in (("ConfigMap", "configMapRef"), ("Secret", "secretRef")):
