@@ -204,7 +204,28 @@ def cmd_health(args: argparse.Namespace) -> int:
     import grpc
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-    with grpc.insecure_channel(args.target) as channel:
+    if args.tls_ca or args.tls_cert:
+        if bool(args.tls_cert) != bool(args.tls_key):
+            print("endcap health: --tls-cert and --tls-key go together", file=sys.stderr)
+            return 2
+        try:
+            pems = [
+                Path(p).read_bytes() if p else None
+                for p in (args.tls_ca, args.tls_key, args.tls_cert)
+            ]
+        except OSError as exc:
+            print(f"endcap health: {exc}", file=sys.stderr)
+            return 2
+        creds = grpc.ssl_channel_credentials(*pems)
+        options = (
+            [("grpc.ssl_target_name_override", args.tls_server_name)]
+            if args.tls_server_name
+            else []
+        )
+        channel = grpc.secure_channel(args.target, creds, options=options)
+    else:
+        channel = grpc.insecure_channel(args.target)
+    with channel:
         try:
             reply = health_pb2_grpc.HealthStub(channel).Check(
                 health_pb2.HealthCheckRequest(service=args.service), timeout=args.timeout
@@ -307,6 +328,14 @@ def build_parser() -> argparse.ArgumentParser:
     health.add_argument("--target", default="127.0.0.1:50051", help="host:port")
     health.add_argument("--service", default="endcap.v1.Recommender", help="service name")
     health.add_argument("--timeout", type=float, default=2.0, help="seconds")
+    health.add_argument(
+        "--tls-ca", metavar="PEM", help="CA bundle to verify a TLS server (ENDCAP_TLS_CERT is on)"
+    )
+    health.add_argument("--tls-cert", metavar="PEM", help="client certificate, for mutual TLS")
+    health.add_argument("--tls-key", metavar="PEM", help="key of --tls-cert")
+    health.add_argument(
+        "--tls-server-name", metavar="NAME", help="name to verify in the server certificate"
+    )
     health.set_defaults(func=cmd_health)
 
     from benchmarks.options import add_arguments as add_bench_flags

@@ -21,6 +21,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from conftest import ServerThread, TrainedStore, make_settings
+from endcap import cli
 from endcap.client import Client, PermissionDenied, Unauthenticated
 from endcap.v1 import recommender_pb2 as pb
 from endcap.v1 import recommender_pb2_grpc as pb_grpc
@@ -182,6 +183,23 @@ def test_mtls_serves_clients_with_a_certificate_from_the_ca(
     creds = grpc.ssl_channel_credentials(pki.ca, pki.client_key, pki.client_cert)
     with grpc.secure_channel(mtls_server.target, creds) as channel:
         assert len(_recommend(channel).items) == 3
+
+
+def test_endcap_health_speaks_tls_for_container_probes(
+    mtls_server: ServerThread, pki: Pki, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Kubernetes' native gRPC probes are plaintext; with TLS on, an exec probe runs
+    `endcap health` with the CA (and a client certificate under mutual TLS)."""
+    (tmp_path / "client.pem").write_bytes(pki.client_cert)
+    (tmp_path / "client.key").write_bytes(pki.client_key)
+    target = ["health", "--target", mtls_server.target, "--timeout", "10"]
+    tls = ["--tls-ca", str(pki.ca_file)]
+    client = ["--tls-cert", str(tmp_path / "client.pem"), "--tls-key", str(tmp_path / "client.key")]
+    assert cli.main([*target, *tls, *client]) == 0
+    assert capsys.readouterr().out.strip().endswith("SERVING")
+    assert cli.main([*target, *tls]) == 1  # no client certificate: the handshake fails
+    assert cli.main(target) == 1  # plaintext against TLS
+    assert cli.main([*target, *tls, "--tls-cert", str(tmp_path / "client.pem")]) == 2
 
 
 @pytest.mark.parametrize("cert", ["none", "rogue"])
