@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import numpy.typing as npt
 
+from server.domain.caps import Caps, admit
 from server.domain.errors import InvalidQuery, UnknownItems
 from server.domain.filters import Compiled
 from server.domain.query import Profile, RecommendQuery, segment_key
@@ -263,18 +264,20 @@ def execute(
     chosen = _diversify(engine, cand_ids, cand_scores, query, st, k)
     ids, scores, prov = cand_ids[chosen], cand_scores[chosen], cand_prov[chosen]
     names = [names[i] for i in chosen.tolist()]
-    ids, scores, prov, names = _pin(engine, query, flt, ids, scores, prov, names, k)
+    caps = _caps(query, st)
     if ids.shape[0] < k:  # never short because of the strategy: fill from bestsellers
         segment = (engine.country_row(ctx.country), ctx.device)
-        fill = engine.retriever.popular(segment, flt, k + ids.shape[0])
-        extra = ~np.isin(fill.ids, ids)
-        n_fill = k - ids.shape[0]
-        ids = np.concatenate([ids, fill.ids[extra][:n_fill]])
-        add = fill.ids[extra][:n_fill].shape[0]
+        # Under caps most bestsellers may not fit: look further down the list.
+        fill = engine.retriever.popular(segment, flt, k + ids.shape[0] + (20 * k if caps else 0))
+        extra = np.flatnonzero(~np.isin(fill.ids, ids))
+        extra = extra[admit(engine.catalog, ids, fill.ids[extra], caps, k - ids.shape[0])]
+        ids = np.concatenate([ids, fill.ids[extra]])
+        add = extra.shape[0]
         low = float(scores.min()) if scores.size else 1.0
         scores = np.concatenate([scores, (low * 0.5 ** np.arange(1, add + 1)).astype(np.float32)])
-        prov = np.concatenate([prov, fill.provenance[extra][:n_fill]])
+        prov = np.concatenate([prov, fill.provenance[extra]])
         names += ["segment_bestsellers"] * add
+    ids, scores, prov, names = _pin(engine, query, flt, ids, scores, prov, names, k, caps)
     reasons, reason_items = _reasons(
         engine, names, prov, plan, profile, ctx.country, ctx.device, q, ids
     )
@@ -316,6 +319,13 @@ def _boosts(
     return factor
 
 
+def _caps(query: RecommendQuery, st: Strategy) -> Caps:
+    return Caps(
+        query.diversity.max_per_category or st.max_per_category,
+        query.diversity.max_per_brand or st.max_per_brand,
+    )
+
+
 def _diversify(
     engine: Engine,
     ids: npt.NDArray[np.int64],
@@ -325,25 +335,9 @@ def _diversify(
     k: int,
 ) -> npt.NDArray[np.int64]:
     """Indexes into ids: caps per category/brand, then MMR if a level is set."""
-    per_cat = query.diversity.max_per_category or st.max_per_category
-    per_brand = query.diversity.max_per_brand or st.max_per_brand
     level = query.diversity.level or st.diversity
-    idx = np.arange(ids.shape[0])
-    if per_cat or per_brand:
-        cats = engine.catalog.category[ids].tolist()
-        brands = engine.catalog.brand[ids].tolist()
-        used_c: dict[int, int] = {}
-        used_b: dict[int, int] = {}
-        keep = []
-        for i, (c, b) in enumerate(zip(cats, brands, strict=True)):
-            if per_cat and used_c.get(c, 0) >= per_cat:
-                continue
-            if per_brand and used_b.get(b, 0) >= per_brand:
-                continue
-            used_c[c] = used_c.get(c, 0) + 1
-            used_b[b] = used_b.get(b, 0) + 1
-            keep.append(i)
-        idx = np.asarray(keep, dtype=np.int64)
+    none = np.empty(0, np.int64)
+    idx = admit(engine.catalog, none, ids, _caps(query, st), ids.shape[0])
     if level <= 0 or idx.shape[0] <= 1:
         return idx[:k]
     # MMR: greedily pick argmax (1-level)*relevance - level*max cosine to the picked.
@@ -373,6 +367,7 @@ def _pin(
     prov: npt.NDArray[np.int8],
     names: list[str],
     k: int,
+    caps: Caps,
 ) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.float32], npt.NDArray[np.int8], list[str]]:
     if not query.rules.pins:
         return ids[:k], scores[:k], prov[:k], names[:k]
@@ -392,6 +387,9 @@ def _pin(
     ]  # rules never break filters
     pinned = {r for _, r in pins}
     rest = [i for i, r in enumerate(ids.tolist()) if r not in pinned]
+    if caps:  # pins count toward the caps: drop what no longer fits beside them
+        taken = np.asarray(sorted(pinned), dtype=np.int64)
+        rest = [rest[j] for j in admit(engine.catalog, taken, ids[rest], caps, len(rest)).tolist()]
     slots: list[tuple[int, float, int, str] | None] = [None] * k
     for position, row in sorted(pins):
         pos = min(position, k) - 1

@@ -443,7 +443,7 @@ Global___Rules: _TypeAlias = Rules  # noqa: Y015
 
 @_typing.final
 class Diversity(_message.Message):
-    """Per-request diversity controls."""
+    """Per-request diversity controls; 0 keeps the strategy's setting."""
 
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -451,7 +451,11 @@ class Diversity(_message.Message):
     MAX_PER_BRAND_FIELD_NUMBER: _builtins.int
     LEVEL_FIELD_NUMBER: _builtins.int
     max_per_category: _builtins.int
-    """At most this many items per leaf category / brand; 0 = no limit."""
+    """At most this many items per leaf category / brand; 0 = the strategy's
+    limit (none by default). Caps are hard: when fewer than num_results items
+    fit them, the response is shorter rather than break a cap. Pinned items
+    count toward the caps and are never dropped for them.
+    """
     max_per_brand: _builtins.int
     level: _builtins.float
     """MMR trade-off in [0, 1]: 0 = pure relevance, 1 = maximal spread."""
@@ -553,7 +557,9 @@ class RecommendResponse(_message.Message):
     """The shopper's segment, as used for ranking."""
     @_builtins.property
     def items(self) -> _containers.RepeatedCompositeFieldContainer[Global___RecommendedItem]:
-        """Best first. Fewer than num_results only if fewer items pass the filters."""
+        """Best first. Fewer than num_results only if fewer items pass the filters
+        or fit the diversity caps.
+        """
 
     def __init__(
         self,
