@@ -17,6 +17,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from prometheus_client import start_http_server
+from redis.exceptions import RedisError
 
 from endcap.v1 import recommender_pb2, recommender_pb2_grpc
 from server.artifact import LATEST, ArtifactError, load_artifact, resolve
@@ -31,6 +32,7 @@ from server.infra.metrics import Metrics, default_metrics
 from server.infra.settings import Settings, SettingsError
 from server.infra.threads import limit_blas_threads
 from server.infra.tls import server_credentials
+from server.state.catalog_feed import Apply, CatalogFeed
 from server.state.eventlog import EventLog
 from server.state.redis_store import RedisStore, ResilientStore
 from server.state.store import MemoryStore, StateStore
@@ -101,6 +103,8 @@ class Running:
     executor: ThreadPoolExecutor
     store: StateStore
     events: EventLog | None
+    feed: CatalogFeed | None = None
+    apply_catalog: Apply | None = None
     reload_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
 
     async def reload(self, version: str = "") -> tuple[str, str]:
@@ -151,6 +155,10 @@ class Running:
         m.model_created.set(_iso_to_unix(manifest.created_at))
 
     async def set_serving(self, serving: bool) -> None:
+        """Report SERVING (after catching up with the replicas' live catalog changes)
+        or NOT_SERVING."""
+        if serving and self.feed is not None and self.apply_catalog is not None:
+            await self.sync_catalog(self.feed, self.apply_catalog)
         status = (
             health_pb2.HealthCheckResponse.SERVING
             if serving
@@ -159,10 +167,23 @@ class Running:
         for name in ("", SERVICE_NAME):
             await self.health.set(name, status)
 
+    async def sync_catalog(self, feed: CatalogFeed, apply: Apply) -> None:
+        """Replay the shared catalog stream, then follow it. Redis being down does not
+        stop serving: the follower catches up when it returns."""
+        try:
+            replayed = await feed.catch_up(apply)
+            if replayed:
+                log.info("catalog feed: replayed %d change batches", replayed)
+        except (RedisError, OSError) as exc:
+            log.warning("catalog feed: cannot replay yet (Redis: %s); will catch up", exc)
+        feed.follow(apply)
+
     async def stop(self, grace_s: float) -> None:
         """Health NOT_SERVING, refuse new calls, drain in-flight ones, flush the event log."""
         await self.health.enter_graceful_shutdown()
         await self.server.stop(grace_s)
+        if self.feed is not None:
+            await self.feed.close()
         if self.events is not None:
             self.events.close()
         await self.store.close()
@@ -211,9 +232,11 @@ async def start(settings: Settings, metrics: Metrics | None = None) -> Running:
     budget = BudgetPolicy(settings.request_budget_s, settings.fallback_below_s)
     interceptors = [MetricsInterceptor(metrics), *edge, admission, DecodeInterceptor()]
     server = grpc.aio.server(interceptors=interceptors, options=options)
-    recommender_pb2_grpc.add_RecommenderServicer_to_server(
-        RecommenderServicer(holder, metrics, store, events, reload, budget=budget), server
-    )
+    feed = None
+    if settings.state_backend == "redis" and settings.catalog_feed:
+        feed = CatalogFeed(settings.redis_url, max_batches=settings.catalog_feed_batches)
+    servicer = RecommenderServicer(holder, metrics, store, events, reload, budget=budget, feed=feed)
+    recommender_pb2_grpc.add_RecommenderServicer_to_server(servicer, server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
@@ -241,6 +264,8 @@ async def start(settings: Settings, metrics: Metrics | None = None) -> Running:
         executor=ThreadPoolExecutor(settings.pool_threads, thread_name_prefix="endcap"),
         store=store,
         events=events,
+        feed=feed,
+        apply_catalog=servicer.apply_catalog,
     )
     running_ref.append(running)
     await running.set_serving(False)

@@ -4,10 +4,12 @@ with cores (one Python process is bound by its GIL).
 
 Workers load the artifact themselves; its arrays and its FAISS index are
 memory-mapped read-only files, so the page cache holds one copy for all of
-them. Each worker keeps its own live state: catalog upserts and ReloadModel
-reach only the worker that receives the call, so with several workers send
-reloads as SIGHUP to the supervisor (forwarded to every worker) or set
-ENDCAP_RELOAD_POLL_S, and keep shopper state in Redis (ENDCAP_STATE_BACKEND).
+them. ReloadModel reaches only the worker that receives the call, so with
+several workers send reloads as SIGHUP to the supervisor (forwarded to every
+worker) or set ENDCAP_RELOAD_POLL_S. Keep state in Redis
+(ENDCAP_STATE_BACKEND=redis): shopper state is shared there, and so are live
+catalog changes (server/state/catalog_feed.py), as between replicas; with the
+memory backend each worker has its own.
 Worker i serves metrics on metrics_port + i.
 """
 

@@ -38,6 +38,8 @@ class Settings:
     state_backend: str = "memory"  # memory | redis
     redis_url: str = "redis://127.0.0.1:6379/0"
     redis_timeout_s: float = 0.05  # past this, a request falls back to local state
+    catalog_feed: bool = True  # with redis: replicas share live catalog changes (a stream)
+    catalog_feed_batches: int = 10_000  # change batches the stream keeps (XADD MAXLEN ~)
     max_profiles: int = 1_000_000  # in-memory shoppers kept (LRU)
     profile_ttl_s: float = 30 * 86_400.0
     event_log: str = ""  # directory of the durable event log; "" disables it
@@ -85,6 +87,7 @@ class Settings:
             "workers",
             "exact_scan_max_items",
             "ann_min_nprobe",
+            "catalog_feed_batches",
         ):
             if getattr(self, name) < 1:
                 raise SettingsError(f"{name} must be >= 1, got {getattr(self, name)}")

@@ -34,6 +34,7 @@ from server.domain.query import (
     shopper_key,
 )
 from server.infra.metrics import Metrics
+from server.state.catalog_feed import CatalogFeed, Change, FeedUnavailable
 from server.state.eventlog import EventLog
 from server.state.store import StateStore
 from server.transport import validate
@@ -63,6 +64,17 @@ class NoModel(Exception):
     pass
 
 
+@dataclass
+class CatalogResult:
+    """What a batch of live catalog changes did."""
+
+    created: int = 0
+    updated: int = 0
+    rejected: list[Rejected] = field(default_factory=list)
+    deleted: int = 0
+    unknown: tuple[str, ...] = ()
+
+
 def _status(code: int, message: str, field_name: str | None = None) -> grpc.Status:
     status = status_pb2.Status(code=code, message=message)
     if field_name is not None:
@@ -86,6 +98,8 @@ def _status_for(exc: Exception) -> grpc.Status | None:
         return _status(code_pb2.INVALID_ARGUMENT, str(exc), exc.field)
     if isinstance(exc, UnknownItems):
         return _status(code_pb2.NOT_FOUND, str(exc), exc.field)
+    if isinstance(exc, FeedUnavailable):
+        return _status(code_pb2.UNAVAILABLE, f"{exc}; the change was not applied, retry")
     if isinstance(exc, NoModel):
         return _status(code_pb2.UNAVAILABLE, "no model loaded yet; retry shortly")
     if isinstance(exc, ArtifactError):
@@ -128,8 +142,10 @@ class RecommenderServicer(pb_grpc.RecommenderServicer):
         events: EventLog | None = None,
         reload: Callable[[str], Awaitable[tuple[str, str]]] | None = None,
         budget: BudgetPolicy | None = None,
+        feed: CatalogFeed | None = None,
     ) -> None:
         self._holder = holder
+        self._feed = feed
         self._metrics = metrics
         self._store = store
         self._events = events
@@ -401,29 +417,53 @@ class RecommenderServicer(pb_grpc.RecommenderServicer):
         )
 
     # Admin.
+    async def apply_catalog(self, changes: Sequence[Change]) -> CatalogResult:
+        """Apply live catalog changes (one request's, or the shared feed's) to the served
+        engine and record them for replay onto a reloaded one."""
+        engine = self._engine()
+        result = CatalogResult()
+        upserts = [(i, c) for i, (_, c) in enumerate(changes) if isinstance(c, ItemUpdate)]
+        deletes = [c for _, c in changes if isinstance(c, str)]
+        # Apply in slices and yield between them: a 10k-item batch must not stall
+        # the requests this event loop is serving meanwhile.
+        for start in range(0, len(upserts), UPSERT_SLICE):
+            chunk = upserts[start : start + UPSERT_SLICE]
+            n_new, n_changed, bad_chunk = engine.upsert(chunk)
+            result.created += n_new
+            result.updated += n_changed
+            result.rejected += bad_chunk
+            bad = {r.index for r in bad_chunk}
+            self._holder.journal.extend(("upsert", it) for i, it in chunk if i not in bad)
+            await asyncio.sleep(0)
+        if deletes:
+            deleted, unknown = engine.delete(deletes)
+            result.deleted += deleted
+            result.unknown += unknown
+            self._holder.journal.extend(("delete", i) for i in deletes)
+        self._metrics.catalog_items.set(len(engine.catalog))
+        return result
+
+    async def _change_catalog(self, changes: Sequence[Change]) -> CatalogResult:
+        """Through the shared feed when replicas share one (every replica applies it in
+        the same order; this one before answering), else here only."""
+        self._engine()  # no model: UNAVAILABLE before anything is written
+        if self._feed is None:
+            return await self.apply_catalog(changes)
+        result = await self._feed.publish(changes)
+        if not isinstance(result, CatalogResult):  # the engine went away meanwhile
+            raise NoModel
+        return result
+
     @_guarded
     async def UpsertItems(
         self, request: pb.UpsertItemsRequest, context: Ctx
     ) -> pb.UpsertItemsResponse:
         items = validate.upsert_items(request)
-        engine = self._engine()
-        created = updated = 0
-        rejected: list[Rejected] = []
-        # Apply in slices and yield between them: a 10k-item batch must not stall
-        # the requests this event loop is serving meanwhile.
-        for start in range(0, len(items), UPSERT_SLICE):
-            chunk = items[start : start + UPSERT_SLICE]
-            n_new, n_changed, bad_chunk = engine.upsert(chunk)
-            created, updated = created + n_new, updated + n_changed
-            rejected += bad_chunk
-            bad = {r.index for r in bad_chunk}
-            self._holder.journal.extend(("upsert", it) for i, it in chunk if i not in bad)
-            await asyncio.sleep(0)
-        self._metrics.catalog_items.set(len(engine.catalog))
+        result = await self._change_catalog([("upsert", item) for _, item in items])
         return pb.UpsertItemsResponse(
-            created=created,
-            updated=updated,
-            rejected=[_rejection(r, "items") for r in rejected],
+            created=result.created,
+            updated=result.updated,
+            rejected=[_rejection(r, "items") for r in result.rejected],
         )
 
     @_guarded
@@ -431,11 +471,8 @@ class RecommenderServicer(pb_grpc.RecommenderServicer):
         self, request: pb.DeleteItemsRequest, context: Ctx
     ) -> pb.DeleteItemsResponse:
         ids = validate.delete_items(request)
-        engine = self._engine()
-        deleted, unknown = engine.delete(ids)
-        self._holder.journal.extend(("delete", i) for i in ids)
-        self._metrics.catalog_items.set(len(engine.catalog))
-        return pb.DeleteItemsResponse(deleted=deleted, unknown_item_ids=unknown)
+        result = await self._change_catalog([("delete", i) for i in ids])
+        return pb.DeleteItemsResponse(deleted=result.deleted, unknown_item_ids=result.unknown)
 
     @_guarded
     async def ForgetUser(
