@@ -51,7 +51,7 @@ def _table(title: str, items: list[pb.RecommendedItem]) -> Table:
 
 
 async def show_examples(
-    stub: pb_grpc.RecommenderStub, user_ids: list[str], console: Console
+    stub: pb_grpc.RecommenderAsyncStub, user_ids: list[str], console: Console
 ) -> None:
     """Call the running server like a shop backend would and print the answers."""
     shopper_a, shopper_b = user_ids[0], user_ids[min(1, len(user_ids) - 1)]

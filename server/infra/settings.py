@@ -130,9 +130,14 @@ def _parse_bool(raw: str) -> bool:
     raise ValueError("expected one of true/false/1/0/yes/no/on/off")
 
 
+_BY_TYPE: dict[object, Callable[[str], Any]] = {
+    int: int,
+    float: float,
+    bool: _parse_bool,
+    Path: Path,
+}
 _PARSERS: dict[str, Callable[[str], Any]] = {
-    name: {int: int, float: float, bool: _parse_bool, Path: Path}.get(hint, str)
-    for name, hint in typing.get_type_hints(Settings).items()
+    name: _BY_TYPE.get(hint, str) for name, hint in typing.get_type_hints(Settings).items()
 }
 
 

@@ -106,7 +106,7 @@ class CatalogFeed:
         """Append `changes` and wait until this replica has applied them; returns what
         the apply function returned for them. Raises FeedUnavailable."""
         try:
-            entry_id: bytes = await self._writer.xadd(
+            added: bytes | str = await self._writer.xadd(
                 self.stream,
                 {"origin": self.origin, "changes": encode(changes)},
                 maxlen=self.max_batches,
@@ -114,8 +114,7 @@ class CatalogFeed:
             )
         except (RedisError, OSError) as exc:
             raise FeedUnavailable(f"catalog feed (Redis) unavailable: {exc}") from exc
-        if isinstance(entry_id, str):
-            entry_id = entry_id.encode()
+        entry_id = added.encode() if isinstance(added, str) else added
         if entry_id in self._early:  # the follower was quicker than this reply
             return self._early.pop(entry_id)
         loop = asyncio.get_running_loop()

@@ -7,7 +7,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable, Iterable, Sequence
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
@@ -135,7 +135,7 @@ class RedisStore:
         base = f"{self.prefix}pop:{segment}"
         now = time.time()
         if not trending:
-            rows = await self.client.zrevrange(f"{base}:l", 0, n - 1, withscores=True)
+            rows: Any = await self.client.zrevrange(f"{base}:l", 0, n - 1, withscores=True)
             scale = decay_weight(1.0, now, LONG_TAU_S)
             return [(m.decode(), float(v) / scale) for m, v in rows]
         pipe = self.client.pipeline(transaction=False)
