@@ -16,6 +16,7 @@ from server.infra.settings import Settings, SettingsError
 def _serve_settings(args: argparse.Namespace) -> Settings:
     return Settings.from_env(
         os.environ,
+        args.config,
         artifacts=args.artifacts,
         host=args.host,
         port=args.port,
@@ -25,6 +26,13 @@ def _serve_settings(args: argparse.Namespace) -> Settings:
 
 
 def _add_serve_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--config",
+        type=Path,
+        metavar="TOML",
+        help='settings file (field names as keys, e.g. state_backend = "redis"); '
+        "ENDCAP_* variables and flags override it [ENDCAP_CONFIG]",
+    )
     p.add_argument(
         "--artifacts", type=Path, help="artifact directory (or root with LATEST) [ENDCAP_ARTIFACTS]"
     )
@@ -293,7 +301,8 @@ def build_parser() -> argparse.ArgumentParser:
         "serve",
         help="serve an artifact over gRPC",
         description="Serve Recommend, Rerank and SimilarItems over gRPC, with health, "
-        "reflection and Prometheus metrics. Flags override ENDCAP_* environment variables.",
+        "reflection and Prometheus metrics. Settings: defaults < --config file < ENDCAP_* "
+        "environment variables < flags.",
     )
     _add_serve_flags(serve)
     serve.set_defaults(func=cmd_serve)

@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import grpc
+import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from conftest import TrainedStore
@@ -111,3 +112,60 @@ def test_help_for_every_command() -> None:
             text=True,
         )
         assert out.returncode == 0 and "usage: endcap" in out.stdout
+
+
+def test_serve_reads_a_config_file(trained: TrainedStore, tmp_path: Path) -> None:
+    port = free_port()
+    config = tmp_path / "endcap.toml"
+    config.write_text(
+        f'artifacts = "{trained.artifacts}"\nport = {port}\nmetrics_port = 0\n'
+        "exact_scan_max_items = 500\n"
+    )
+    proc = serve("--config", str(config))
+    try:
+        wait_serving(f"127.0.0.1:{port}")
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=30)
+    finally:
+        proc.kill() if proc.poll() is None else None
+    assert proc.returncode == 0, out
+
+
+def test_config_file_then_environment_then_flags(tmp_path: Path) -> None:
+    from server.infra.settings import Settings
+
+    config = tmp_path / "endcap.toml"
+    config.write_text(
+        'state_backend = "redis"\nport = 6000\nmetrics_port = 0\nfsync = "never"\n'
+        "ann_overfetch = 2\nverify_checksums = false\nENDCAP_POOL_THREADS = 3\n"
+    )
+    env = {"ENDCAP_PORT": "7000", "ENDCAP_FSYNC": "interval"}
+    settings = Settings.from_env(env, config, fsync="always")
+    assert settings.state_backend == "redis" and settings.pool_threads == 3
+    assert settings.ann_overfetch == 2.0 and settings.verify_checksums is False
+    assert settings.port == 7000  # environment beats the file
+    assert settings.fsync == "always"  # flags beat both
+    assert Settings.from_env({"ENDCAP_CONFIG": str(config)}).port == 6000
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("prot = 1\n", "unknown setting 'prot'"),
+        ('port = "many"\n', "port='many' is invalid"),
+        ("verify_checksums = 1\n", "verify_checksums must be bool"),
+        ("port = 1.5\n", "port must be int"),
+        ("port = \n", "endcap.toml"),
+        ("port = 70000\n", "port must be in [0, 65535]"),
+    ],
+)
+def test_config_file_errors_name_the_file_and_key(tmp_path: Path, text: str, message: str) -> None:
+    from server.infra.settings import Settings, SettingsError
+
+    config = tmp_path / "endcap.toml"
+    config.write_text(text)
+    with pytest.raises(SettingsError) as err:
+        Settings.from_env({}, config)
+    assert message in str(err.value)
+    with pytest.raises(SettingsError, match=r"missing\.toml"):
+        Settings.from_env({}, tmp_path / "missing.toml")

@@ -1,8 +1,10 @@
-"""Server configuration: defaults < ENDCAP_* environment < CLI flags, frozen at startup."""
+"""Server configuration: defaults < a TOML file < ENDCAP_* environment < CLI flags, frozen
+at startup."""
 
 from __future__ import annotations
 
 import dataclasses
+import tomllib
 import typing
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -10,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 ENV_PREFIX = "ENDCAP_"
+CONFIG_ENV = "ENDCAP_CONFIG"  # path of a TOML settings file (or --config)
 
 
 class SettingsError(ValueError):
@@ -61,9 +64,13 @@ class Settings:
     log_level: str = "INFO"
 
     @classmethod
-    def from_env(cls, environ: Mapping[str, str], **overrides: Any) -> Settings:
-        """Defaults, then ENDCAP_<FIELD> variables, then non-None `overrides`."""
-        values: dict[str, Any] = {}
+    def from_env(
+        cls, environ: Mapping[str, str], config_file: Path | None = None, **overrides: Any
+    ) -> Settings:
+        """Defaults, then the TOML file (`config_file`, else $ENDCAP_CONFIG), then
+        ENDCAP_<FIELD> variables, then non-None `overrides`."""
+        path = config_file or (Path(environ[CONFIG_ENV]) if environ.get(CONFIG_ENV) else None)
+        values: dict[str, Any] = read_config(path) if path else {}
         for field in dataclasses.fields(cls):
             name = ENV_PREFIX + field.name.upper()
             if name in environ:
@@ -146,3 +153,35 @@ def _parse(name: str, raw: str, parser: Callable[[str], Any]) -> Any:
         return parser(raw)
     except ValueError as exc:
         raise SettingsError(f"{name}={raw!r} is invalid: {exc}") from exc
+
+
+def read_config(path: Path) -> dict[str, Any]:
+    """Settings from a TOML file: `port = 50051`, `state_backend = "redis"`, ... (the
+    field names; ENDCAP_PORT-style keys work too). Unknown keys and wrong types are
+    errors naming the file and the key."""
+    try:
+        doc = tomllib.loads(path.read_text())
+    except OSError as exc:
+        raise SettingsError(f"config file {path}: {exc.strerror or exc}") from exc
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise SettingsError(f"config file {path}: {exc}") from exc
+    hints = typing.get_type_hints(Settings)
+    values: dict[str, Any] = {}
+    for key, value in doc.items():
+        name = key.lower().removeprefix(ENV_PREFIX.lower())
+        if name not in hints:
+            raise SettingsError(f"config file {path}: unknown setting {key!r}")
+        where = f"{path}: {key}"
+        if isinstance(value, str):
+            values[name] = _parse(where, value, _PARSERS[name])
+            continue
+        hint = hints[name]
+        ok = (
+            (hint is bool and isinstance(value, bool))
+            or (hint is int and isinstance(value, int) and not isinstance(value, bool))
+            or (hint is float and isinstance(value, int | float) and not isinstance(value, bool))
+        )
+        if not ok:
+            raise SettingsError(f"{where} must be {hint.__name__}, got {value!r}")
+        values[name] = float(value) if hint is float else value
+    return values
