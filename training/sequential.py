@@ -1,57 +1,40 @@
 """SASRec-style sequential recommender: trained in torch, user side encoded in numpy."""
 
-# The user vector is a causal transformer's output at the most recent of the
-# user's last max_len items; a score is its dot product with a row of
-# item_embeddings (the same table embeds the input items), so FAISS
-# inner-product search serves it. encode_sequence(s) is the numpy forward pass
-# the server runs: importing this module does not import torch, only the
-# training functions do, when called.
+# The architecture and its numpy forward pass (what the server runs) live in
+# server/domain/sequence.py; this module trains the weights in torch and scores
+# with that numpy code. Importing it does not import torch, only the training
+# functions do, when called.
 
 from __future__ import annotations
 
 import logging
 import math
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import numpy.typing as npt
 
+# Re-exported (`x as x`): the numpy side's names are this module's public API too.
+from server.domain.sequence import FINAL_LN_BIAS as FINAL_LN_BIAS
+from server.domain.sequence import FINAL_LN_WEIGHT as FINAL_LN_WEIGHT
+from server.domain.sequence import ITEM_EMBEDDINGS as ITEM_EMBEDDINGS
+from server.domain.sequence import LN_EPS as LN_EPS
+from server.domain.sequence import NUM_HEADS as NUM_HEADS
+from server.domain.sequence import POSITION as POSITION
+from server.domain.sequence import Encoder, encoder_shapes
+from server.domain.sequence import encode_sequence as encode_sequence
+from server.domain.sequence import encode_sequences as encode_sequences
+from server.domain.sequence import layer_key as layer_key
+from server.domain.sequence import num_layers as num_layers
 from training.protocol import Part, ScoreFn, Split, evaluate
 
 if TYPE_CHECKING:
     import torch
 
 logger = logging.getLogger(__name__)
-
-LN_EPS = 1e-5
-# Weight names. Per layer i the block is pre-LN:
-#   x += out(attention(ln1(x)));  x += fc2(gelu_tanh(fc1(ln2(x))))
-ITEM_EMBEDDINGS = "item_embeddings"  # (n, d) input and output item table
-POSITION = "seq_position"  # (L, d); row L-1 is the most recent item
-NUM_HEADS = "seq_num_heads"  # int64 ()
-FINAL_LN_WEIGHT, FINAL_LN_BIAS = "seq_final_ln.weight", "seq_final_ln.bias"  # (d,)
-_LAYER_SHAPES: dict[str, tuple[str, ...]] = {
-    "ln1.weight": ("d",),
-    "ln1.bias": ("d",),
-    "qkv.weight": ("3d", "d"),  # rows: query, key, value projections
-    "qkv.bias": ("3d",),
-    "out.weight": ("d", "d"),
-    "out.bias": ("d",),
-    "ln2.weight": ("d",),
-    "ln2.bias": ("d",),
-    "fc1.weight": ("f", "d"),
-    "fc1.bias": ("f",),
-    "fc2.weight": ("d", "f"),
-    "fc2.bias": ("d",),
-}
-
-
-def layer_key(layer: int, name: str) -> str:
-    """The weight name of one block parameter, e.g. seq_layer0.qkv.weight."""
-    return f"seq_layer{layer}.{name}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -75,18 +58,9 @@ class SeqConfig:
 
     def shapes(self, n_items: int) -> dict[str, tuple[int, ...]]:
         """Every exported weight name and its shape."""
-        dims = {"d": self.dim, "3d": 3 * self.dim, "f": self.inner}
-        out: dict[str, tuple[int, ...]] = {
-            ITEM_EMBEDDINGS: (n_items, self.dim),
-            POSITION: (self.max_len, self.dim),
-            NUM_HEADS: (),
-            FINAL_LN_WEIGHT: (self.dim,),
-            FINAL_LN_BIAS: (self.dim,),
-        }
-        for i in range(self.layers):
-            for name, shape in _LAYER_SHAPES.items():
-                out[layer_key(i, name)] = tuple(dims[s] for s in shape)
-        return out
+        return {ITEM_EMBEDDINGS: (n_items, self.dim)} | encoder_shapes(
+            self.dim, self.layers, self.inner, self.max_len
+        )
 
 
 def init_weights(n_items: int, config: SeqConfig, seed: int) -> dict[str, npt.NDArray[Any]]:
@@ -107,103 +81,14 @@ def init_weights(n_items: int, config: SeqConfig, seed: int) -> dict[str, npt.ND
     return out
 
 
-# ---- numpy forward (serving) -------------------------------------------------
-
-
-def _layer_norm(
-    x: npt.NDArray[np.float32], weight: npt.NDArray[np.float32], bias: npt.NDArray[np.float32]
-) -> npt.NDArray[np.float32]:
-    mean = x.mean(axis=-1, keepdims=True)
-    var = ((x - mean) ** 2).mean(axis=-1, keepdims=True)
-    result: npt.NDArray[np.float32] = (x - mean) / np.sqrt(var + LN_EPS) * weight + bias
-    return result
-
-
-def _gelu_tanh(x: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
-    inner = math.sqrt(2.0 / math.pi) * (x + 0.044715 * x**3)
-    return np.asarray(0.5 * x * (1.0 + np.tanh(inner)), dtype=np.float32)
-
-
-def num_layers(weights: Mapping[str, object]) -> int:
-    """How many blocks the weights hold."""
-    count = 0
-    while layer_key(count, "qkv.weight") in weights:
-        count += 1
-    return count
-
-
-def encode_sequences(
-    weights: Mapping[str, npt.NDArray[Any]], item_seqs: Sequence[npt.NDArray[np.integer]]
-) -> npt.NDArray[np.float32]:
-    """User vectors, float32 (b, d), for b sequences of item indexes, oldest first.
-
-    Reads only each sequence's last L = seq_position.shape[0] items. Shorter
-    sequences are left-padded to the batch's longest; padding keys are masked
-    and every position may attend to itself, as in the torch model, so a
-    vector does not depend on what else is in the batch. An empty sequence
-    gets the vector of a lone padding token (zero item embedding) at the most
-    recent position.
-    """
-    table = weights[ITEM_EMBEDDINGS]
-    position = weights[POSITION]
-    length, dim = position.shape
-    heads = int(weights[NUM_HEADS])
-    head_dim = dim // heads
-    seqs = [np.asarray(s, dtype=np.int64)[-length:] for s in item_seqs]
-    b = len(seqs)
-    cols = max([1, *(s.shape[0] for s in seqs)])
-    index = np.zeros((b, cols), dtype=np.int64)
-    real = np.zeros((b, cols), dtype=np.bool_)
-    for j, s in enumerate(seqs):
-        if s.shape[0]:
-            index[j, cols - s.shape[0] :] = s
-            real[j, cols - s.shape[0] :] = True
-    x = np.where(real[..., None], table[index], 0.0).astype(np.float32) + position[length - cols :]
-    causal = np.tril(np.ones((cols, cols), dtype=np.bool_))
-    allowed = (causal[None] & real[:, None, :]) | np.eye(cols, dtype=np.bool_)[None]
-    n_layers = num_layers(weights)
-    for i in range(n_layers):
-        w = {name: weights[layer_key(i, name)] for name in _LAYER_SHAPES}
-        # The last block only needs the most recent position's output.
-        rows = cols if i < n_layers - 1 else 1
-        h = _layer_norm(x, w["ln1.weight"], w["ln1.bias"])
-        qkv = (h.reshape(-1, dim) @ w["qkv.weight"].T + w["qkv.bias"]).reshape(
-            b, cols, 3, heads, head_dim
-        )
-        q = qkv[:, cols - rows :, 0].transpose(0, 2, 1, 3)  # (b, heads, rows, head_dim)
-        k = qkv[:, :, 1].transpose(0, 2, 3, 1)  # (b, heads, head_dim, cols)
-        v = qkv[:, :, 2].transpose(0, 2, 1, 3)  # (b, heads, cols, head_dim)
-        att = (q @ k) / math.sqrt(head_dim)
-        att = np.where(allowed[:, None, cols - rows :], att, -np.inf)
-        att = np.exp(att - att.max(axis=-1, keepdims=True))
-        att /= att.sum(axis=-1, keepdims=True)
-        ctx = (att @ v).transpose(0, 2, 1, 3).reshape(b * rows, dim)
-        x = x[:, cols - rows :] + (ctx @ w["out.weight"].T + w["out.bias"]).reshape(b, rows, dim)
-        h = _layer_norm(x, w["ln2.weight"], w["ln2.bias"]).reshape(-1, dim)
-        ffn = _gelu_tanh(h @ w["fc1.weight"].T + w["fc1.bias"]) @ w["fc2.weight"].T
-        x = x + (ffn + w["fc2.bias"]).reshape(b, rows, dim)
-    out = _layer_norm(x[:, -1], weights[FINAL_LN_WEIGHT], weights[FINAL_LN_BIAS])
-    return out.astype(np.float32)
-
-
-def encode_sequence(
-    weights: Mapping[str, npt.NDArray[Any]], item_seq: npt.NDArray[np.integer]
-) -> npt.NDArray[np.float32]:
-    """The user vector, float32 (d,), for item indexes `item_seq`, oldest first.
-
-    What the server computes per request; see encode_sequences.
-    """
-    result: npt.NDArray[np.float32] = encode_sequences(weights, [item_seq])[0]
-    return result
-
-
 def encode_history(
     weights: Mapping[str, npt.NDArray[Any]], history: Part, batch_size: int = 256
 ) -> npt.NDArray[np.float32]:
     """The user vector of every user of `history`, float32 (u, d)."""
     rows = [history.row(u) for u in range(history.n_users)]
+    encoder = Encoder.of(weights)
     parts = [
-        encode_sequences(weights, rows[lo : lo + batch_size])
+        encode_sequences(weights, rows[lo : lo + batch_size], encoder)
         for lo in range(0, len(rows), batch_size)
     ]
     dim = int(weights[POSITION].shape[1])
