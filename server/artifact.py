@@ -6,10 +6,12 @@ An artifact is a directory::
                          training params/metrics, sha256 of every other file
     arrays/<name>.npy    one array per file (memory-mapped at load), see SCHEMA
     index.faiss          FAISS index over item_embeddings (ids = item indexes)
+    encoder.npz          optional query encoder weights, see ENCODER_KINDS
 
 No pickle anywhere: string columns are fixed-width unicode arrays. A root
 directory may hold several versions; `LATEST` names the current one. This
-module imports numpy and faiss only (no torch, no grpc).
+module imports numpy, faiss and the numpy-only server.domain.sequence (no
+torch, no grpc).
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import hashlib
 import json
 import os
 import shutil
+import zipfile
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,9 +31,18 @@ import faiss
 import numpy as np
 import numpy.typing as npt
 
-FORMAT_VERSION = 1
+from server.domain.sequence import encoder_shapes
+
+# Version 2 adds the optional query encoder. Like OPTIONAL_SCHEMA arrays it is
+# validated when present and absent from older artifacts, but a server that
+# ignored it would serve a wrong query vector, so only artifacts that carry one
+# are written as version 2: anything else stays version 1, which older servers
+# read, while they refuse what they cannot serve.
+FORMAT_VERSION = 2
+READABLE_VERSIONS = (1, 2)
 MANIFEST = "manifest.json"
 INDEX_FILE = "index.faiss"
+ENCODER_FILE = "encoder.npz"
 LATEST = "LATEST"
 ARRAYS_DIR = "arrays"
 
@@ -60,6 +72,7 @@ SCHEMA: dict[str, tuple[str, tuple[str, ...]]] = {
     # Model: users and context. The query vector is
     #   q = user_embeddings[u] + history_projection @ mean(item_embeddings[recent])
     #       + context_device[device] + context_country[country]
+    # (or the encoder's formula when the manifest names one, see ENCODER_KINDS),
     # where a shopper without a trained row or history contributes zero for those
     # terms, while a missing device or country uses its learned "unknown" row
     # (device 0, the last country row); score(i) = q . item_embeddings[i].
@@ -91,6 +104,18 @@ OPTIONAL_SCHEMA: dict[str, tuple[str, tuple[str, ...]]] = {
 }
 
 
+# Query encoders a manifest's `encoder` section may name, with the integer
+# fields it must give. With "sequential" (server/domain/sequence.py) the query is
+#   q = user_embeddings[u] + encoder(item vectors of the history, oldest first)
+#       + context_device[device] + context_country[country]
+# (history_projection is unused; an export may hold zero user rows). Its weights
+# are ENCODER_FILE, named and shaped as sequence.encoder_shapes says, with d the
+# manifest's dim; the input and output item table is item_embeddings.
+ENCODER_KINDS: dict[str, tuple[str, ...]] = {
+    "sequential": ("layers", "heads", "inner", "max_len"),
+}
+
+
 class ArtifactError(Exception):
     """The artifact is missing, corrupt, or not in a format this server reads."""
 
@@ -116,9 +141,10 @@ class Manifest:
     metrics: dict[str, Any]
     data_fingerprint: str
     checksums: dict[str, str]
+    encoder: dict[str, Any] | None = None  # {"kind": ..., ENCODER_KINDS fields}
 
     def to_json(self) -> dict[str, Any]:
-        return {
+        body = {
             "format_version": self.format_version,
             "model_version": self.model_version,
             "created_at": self.created_at,
@@ -137,15 +163,21 @@ class Manifest:
             "data_fingerprint": self.data_fingerprint,
             "checksums": self.checksums,
         }
+        return body if self.encoder is None else body | {"encoder": self.encoder}
 
     @classmethod
     def from_json(cls, raw: Mapping[str, Any]) -> Manifest:
         version = raw.get("format_version")
-        if version != FORMAT_VERSION:
+        if version not in READABLE_VERSIONS:
             raise ArtifactError(
                 f"artifact format_version {version!r} is not supported "
-                f"(this server reads version {FORMAT_VERSION})"
+                f"(this server reads versions {', '.join(map(str, READABLE_VERSIONS))})"
             )
+        encoder = raw.get("encoder")
+        if encoder is not None:
+            encoder = _encoder_spec(encoder)
+            if version < 2:
+                raise ArtifactError("manifest encoder needs format_version 2, got 1")
         try:
             return cls(
                 format_version=int(raw["format_version"]),
@@ -165,6 +197,7 @@ class Manifest:
                 metrics=dict(raw.get("metrics", {})),
                 data_fingerprint=str(raw.get("data_fingerprint", "")),
                 checksums={str(k): str(v) for k, v in raw["checksums"].items()},
+                encoder=encoder,
             )
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
             raise ArtifactError(f"manifest.json is malformed: {exc!r}") from exc
@@ -178,6 +211,7 @@ class Artifact:
     manifest: Manifest
     arrays: Mapping[str, npt.NDArray[Any]]
     index: faiss.Index
+    encoder: Mapping[str, npt.NDArray[Any]] | None = None  # ENCODER_FILE's weights
 
     def __getitem__(self, name: str) -> npt.NDArray[Any]:
         return self.arrays[name]
@@ -234,6 +268,56 @@ def validate_arrays(manifest: Manifest, arrays: Mapping[str, npt.NDArray[Any]]) 
             raise ArtifactError(f"array {name}: values outside [0, {bound})")
 
 
+def _encoder_spec(raw: object) -> dict[str, Any]:
+    """A manifest encoder section, checked: a known kind and its positive integer fields."""
+    if not isinstance(raw, Mapping):
+        raise ArtifactError(f"manifest encoder must be an object, got {raw!r}")
+    kind = raw.get("kind")
+    if kind not in ENCODER_KINDS:
+        raise ArtifactError(
+            f"manifest encoder kind must be one of {sorted(ENCODER_KINDS)}, got {kind!r}"
+        )
+    spec: dict[str, Any] = {"kind": kind}
+    for name in ENCODER_KINDS[kind]:
+        value = raw.get(name)
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ArtifactError(f"manifest encoder {name} must be an integer >= 1, got {value!r}")
+        spec[name] = value
+    return spec
+
+
+def validate_encoder(manifest: Manifest, weights: Mapping[str, npt.NDArray[Any]]) -> None:
+    """Check encoder weights against the manifest's encoder section: names, dtypes,
+    shapes, head count, finite values."""
+    spec = manifest.encoder
+    if spec is None:
+        raise ArtifactError(f"{ENCODER_FILE} is present but the manifest names no encoder")
+    dim, heads = manifest.dim, spec["heads"]
+    if dim % heads:
+        raise ArtifactError(f"manifest encoder heads must divide dim {dim}, got {heads}")
+    want = encoder_shapes(dim, spec["layers"], spec["inner"], spec["max_len"])
+    missing, extra = sorted(set(want) - set(weights)), sorted(set(weights) - set(want))
+    if missing or extra:
+        raise ArtifactError(
+            f"{ENCODER_FILE} does not match the manifest encoder "
+            f"({spec['layers']} layers): missing {missing or 'none'}, unexpected {extra or 'none'}"
+        )
+    for name, shape in want.items():
+        arr = weights[name]
+        dtype = np.dtype(np.int64 if shape == () else np.float32)
+        if arr.dtype != dtype:
+            raise ArtifactError(f"encoder weight {name}: dtype {arr.dtype} is not {dtype}")
+        if arr.shape != shape:
+            raise ArtifactError(f"encoder weight {name}: shape {arr.shape} is not {shape}")
+        if dtype == np.float32 and not np.isfinite(arr).all():
+            raise ArtifactError(f"encoder weight {name}: holds NaN or infinity")
+    stored = {int(weights[name]) for name, shape in want.items() if shape == ()}
+    if stored != {heads}:
+        raise ArtifactError(
+            f"encoder weights hold {sorted(stored)} heads, manifest encoder says {heads}"
+        )
+
+
 def _sha256(path: Path) -> str:
     digest = hashlib.sha256()
     with path.open("rb") as fh:
@@ -259,13 +343,20 @@ def write_artifact(
     metrics: Mapping[str, Any] | None = None,
     data_fingerprint: str = "",
     make_latest: bool = True,
+    encoder: Mapping[str, Any] | None = None,
+    encoder_weights: Mapping[str, npt.NDArray[Any]] | None = None,
 ) -> Path:
     """Write a new artifact version under `root` and (by default) point LATEST at it.
 
-    The version directory appears atomically (written to a temp dir, renamed).
+    `encoder` (a manifest encoder section, see ENCODER_KINDS) and
+    `encoder_weights` come together; with them the artifact is format version
+    2, else 1. The version directory appears atomically (written to a temp
+    dir, renamed).
     """
+    if (encoder is None) != (encoder_weights is None):
+        raise ArtifactError("encoder and encoder_weights must be given together")
     manifest = Manifest(
-        format_version=FORMAT_VERSION,
+        format_version=1 if encoder is None else FORMAT_VERSION,
         model_version=model_version,
         created_at=dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         dim=dim,
@@ -282,8 +373,11 @@ def write_artifact(
         metrics=dict(metrics or {}),
         data_fingerprint=data_fingerprint,
         checksums={},
+        encoder=None if encoder is None else _encoder_spec(encoder),
     )
     validate_arrays(manifest, arrays)
+    if encoder_weights is not None:
+        validate_encoder(manifest, encoder_weights)
     if index.ntotal != manifest.n_items or index.d != dim:
         raise ArtifactError(
             f"index holds {index.ntotal} vectors of dim {index.d}, "
@@ -303,6 +397,11 @@ def write_artifact(
         checksums[rel] = _sha256(tmp / rel)
     faiss.write_index(index, str(tmp / INDEX_FILE))
     checksums[INDEX_FILE] = _sha256(tmp / INDEX_FILE)
+    if encoder_weights is not None:
+        # Numeric arrays only, so nothing is pickled (np.load refuses pickles anyway).
+        weights: dict[str, Any] = {k: np.asarray(w) for k, w in encoder_weights.items()}
+        np.savez(tmp / ENCODER_FILE, **weights)
+        checksums[ENCODER_FILE] = _sha256(tmp / ENCODER_FILE)
     body = manifest.to_json() | {"checksums": checksums}
     (tmp / MANIFEST).write_text(json.dumps(body, indent=2, sort_keys=True) + "\n")
     os.replace(tmp, final)
@@ -356,6 +455,7 @@ def load_artifact(path: Path, *, verify_checksums: bool = True, mmap: bool = Tru
         except (OSError, ValueError) as exc:
             raise ArtifactError(f"cannot read array {file.name}: {exc}") from exc
     validate_arrays(manifest, arrays)
+    encoder = _load_encoder(directory, manifest)
     try:
         # IO_FLAG_MMAP_IFC maps the index file zero-copy (the lists stay in-memory
         # ArrayInvertedLists, as fast as a copy once paged in), so every serving process
@@ -371,4 +471,22 @@ def load_artifact(path: Path, *, verify_checksums: bool = True, mmap: bool = Tru
             f"{INDEX_FILE} holds {index.ntotal} vectors of dim {index.d}, "
             f"manifest says {manifest.n_items} of dim {manifest.dim}"
         )
-    return Artifact(path=directory, manifest=manifest, arrays=arrays, index=index)
+    return Artifact(path=directory, manifest=manifest, arrays=arrays, index=index, encoder=encoder)
+
+
+def _load_encoder(directory: Path, manifest: Manifest) -> dict[str, npt.NDArray[Any]] | None:
+    """The encoder weights the manifest names, validated; None if it names none."""
+    file = directory / ENCODER_FILE
+    if manifest.encoder is None:
+        if file.exists():
+            raise ArtifactError(f"{ENCODER_FILE} is present but the manifest names no encoder")
+        return None
+    if ENCODER_FILE not in manifest.checksums:
+        raise ArtifactError(f"manifest names an encoder but has no checksum for {ENCODER_FILE}")
+    try:
+        with np.load(file, allow_pickle=False) as npz:
+            weights = {name: np.asarray(npz[name]) for name in npz.files}
+    except (OSError, ValueError, KeyError, zipfile.BadZipFile) as exc:
+        raise ArtifactError(f"cannot read {ENCODER_FILE}: {exc}") from exc
+    validate_encoder(manifest, weights)
+    return weights

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import hashlib
 import logging
 import math
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +18,8 @@ import numpy.typing as npt
 
 from server.artifact import write_artifact
 from training.data import ADD_TO_CART, PURCHASE, Dataset
+from training.protocol import Part
+from training.sequential import ITEM_EMBEDDINGS, SequentialModel
 from training.train import TrainedModel, collapse_events, last_items
 
 logger = logging.getLogger(__name__)
@@ -284,3 +287,99 @@ def _new_version(dataset: Dataset, model: TrainedModel) -> str:
     digest.update(model.item_embeddings.tobytes())
     digest.update(str(time.time_ns()).encode())
     return f"v{now:%Y%m%dT%H%M%SZ}-{digest.hexdigest()[:6]}"
+
+
+def export_sequential(
+    model: SequentialModel,
+    root: Path,
+    *,
+    item_ids: Sequence[str],
+    user_ids: Sequence[str],
+    histories: Part,
+    model_version: str | None = None,
+    segment_size: int = 500,
+    params: Mapping[str, Any] | None = None,
+    metrics: Mapping[str, Any] | None = None,
+    make_latest: bool = True,
+) -> Path:
+    """Write a sequential model as an artifact whose query encoder is the model's.
+
+    For interaction data without a catalog (ML-100K): one category, one brand,
+    price 0, every item in stock, no countries. `histories` (users as
+    `user_ids`, item indexes, oldest first) become the trained histories (the
+    last max_len items each) and the popularity counts; user, projection and
+    context rows are zero, so the query is the encoder's output alone.
+    """
+    config = model.config
+    table = np.ascontiguousarray(model.weights[ITEM_EMBEDDINGS], dtype=np.float32)
+    n, dim = table.shape
+    if len(item_ids) != n or len(user_ids) != histories.n_users:
+        raise ValueError(
+            f"expected {n} item ids and {histories.n_users} user ids, "
+            f"got {len(item_ids)} and {len(user_ids)}"
+        )
+    lengths = histories.lengths()
+    keep = np.minimum(lengths, config.max_len)
+    pos = np.arange(len(histories)) - np.repeat(histories.indptr[:-1], lengths)
+    recent = pos >= np.repeat(lengths - keep, lengths)
+    counts = np.bincount(histories.items, minlength=n).astype(np.float64)
+    top = _top(counts, segment_size)
+    top_items = np.full((1, N_DEVICES, segment_size), -1, dtype=np.int32)
+    top_scores = np.zeros((1, N_DEVICES, segment_size), dtype=np.float32)
+    top_items[:, :, : top.size] = top
+    top_scores[:, :, : top.size] = counts[top]
+    zeros = np.zeros((1, dim), dtype=np.float32)
+    arrays: dict[str, npt.NDArray[Any]] = {
+        "item_ids": np.asarray(item_ids, dtype=np.str_),
+        "item_category": np.zeros(n, dtype=np.int32),
+        "item_brand": np.zeros(n, dtype=np.int32),
+        "item_price": np.zeros(n, dtype=np.float64),
+        "item_in_stock": np.ones(n, dtype=np.bool_),
+        "item_country_bits": pack_item_bits(np.zeros((0, n), dtype=np.bool_)),
+        "category_parent": np.full(1, -1, dtype=np.int32),
+        "item_embeddings": table,
+        "item_tower_category": zeros,
+        "item_tower_brand": zeros,
+        "item_tower_price": zeros,
+        "price_bucket_edges": np.zeros(0, dtype=np.float64),
+        "user_ids": np.asarray(user_ids, dtype=np.str_),
+        "user_embeddings": np.zeros((histories.n_users, dim), dtype=np.float32),
+        "user_history_indptr": np.concatenate([[0], np.cumsum(keep)]).astype(np.int64),
+        "user_history_items": histories.items[recent].astype(np.int32),
+        "history_projection": np.zeros((dim, dim), dtype=np.float32),
+        "context_device": np.zeros((N_DEVICES, dim), dtype=np.float32),
+        "context_country": zeros,
+        "item_popularity": counts.astype(np.float32),
+        "segment_top_items": top_items,
+        "segment_top_scores": top_scores,
+    }
+    encoder = {
+        "kind": "sequential",
+        "layers": config.layers,
+        "heads": config.heads,
+        "inner": config.inner,
+        "max_len": config.max_len,
+    }
+    weights = {k: v for k, v in model.weights.items() if k != ITEM_EMBEDDINGS}
+    if model_version is None:
+        digest = hashlib.sha256(table.tobytes() + str(time.time_ns()).encode()).hexdigest()
+        model_version = f"v{dt.datetime.now(dt.UTC):%Y%m%dT%H%M%SZ}-{digest[:6]}"
+    return write_artifact(
+        root,
+        model_version=model_version,
+        dim=dim,
+        base_currency="USD",
+        currency_rates={"USD": 1.0},
+        country_codes=(),
+        category_names=("all",),
+        brand_names=("",),
+        history_length=config.max_len,
+        arrays=arrays,
+        index=build_index(table, threads=config.threads, seed=0),
+        params={"model": "sequential", **dataclasses.asdict(config), **(params or {})},
+        metrics={"best_epoch": model.best_epoch, "valid_ndcg@10": model.valid_ndcg10}
+        | dict(metrics or {}),
+        encoder=encoder,
+        encoder_weights=weights,
+        make_latest=make_latest,
+    )

@@ -31,6 +31,7 @@ from server.domain.query import (
 )
 from server.domain.ranking import top_k
 from server.domain.retrieval import Provenance, Results, Retriever, SearchTuning, Vectors
+from server.domain.sequence import Encoder
 from server.domain.strategy import Strategies
 from server.domain.strategy import load as load_strategies
 
@@ -99,6 +100,8 @@ class Engine:
         self.tower_price = np.ascontiguousarray(artifact["item_tower_price"])
         self.price_edges = np.asarray(artifact["price_bucket_edges"])
         self.history_length = artifact.manifest.history_length
+        # A sequential encoder replaces P @ mean(history) with a read of the history in order.
+        self.encoder = None if artifact.encoder is None else Encoder.of(artifact.encoder)
         optional = artifact.arrays
         self.user_orders = optional.get("user_orders")
         self.user_monetary = optional.get("user_monetary")
@@ -144,7 +147,8 @@ class Engine:
 
         q = user + P @ weighted mean(history) + device + country, where history is
         the trained history followed by the session's items; a session item seen
-        just now weighs 1 + session_boost, decaying to 1 with its half-life.
+        just now weighs 1 + session_boost, decaying to 1 with its half-life. With
+        a sequential encoder, encoder(history) replaces P @ mean(history).
         """
         user_row = self.user_row(ctx, profile)
         q = self.context_device[ctx.device] + self.context_country[self.country_row(ctx.country)]
@@ -157,7 +161,11 @@ class Engine:
         session_rows = session_rows[keep]
         ages = np.array([now_s - ts for _, ts in profile.recent[: self.history_length]])[keep]
         rows = np.concatenate([trained, session_rows])
-        if rows.size:
+        if rows.size and self.encoder is not None:
+            # Oldest first, the session's items last (profile lists are newest first).
+            rows = np.concatenate([trained, session_rows[::-1]])
+            q = q + self.encoder.encode(self.vectors.take(rows[-self.encoder.max_len :]))
+        elif rows.size:
             b = blend or self.blend
             decay = np.exp2(-np.maximum(ages, 0.0) / b.session_half_life_s)
             weights = np.concatenate([np.ones(trained.shape[0]), 1.0 + b.session_boost * decay])
