@@ -373,7 +373,7 @@ def evaluate_ml100k(
 
     from training.baselines import ALS, EASE, MostPop
     from training.ml100k import load_ml100k
-    from training.sequential import SeqConfig, train_sequential
+    from training.sequential import SeqConfig, SequentialModel, train_sequential
 
     say = progress or (lambda message: None)
     data = load_ml100k(cache_dir)
@@ -408,15 +408,23 @@ def evaluate_ml100k(
             model.scorer(test_history), params, valid_ndcg(model.scorer(valid_history)), {}
         )
 
+    sequential_models: dict[int, SequentialModel] = {}
+
     def fit_sasrec(seed: int) -> _Fitted:
         config = sequential_config or SeqConfig()
         model = train_sequential(split, config, seed)
+        sequential_models[seed] = model
         return _Fitted(
             model.scorer(test_history),
             dict(asdict(config)),
             model.valid_ndcg10,
             {"best_epoch": model.best_epoch, "epochs": len(model.curve)},
         )
+
+    def fit_served(seed: int) -> _Fitted:
+        model = sequential_models[seed]
+        served = serve_sequential(model, split)
+        return _Fitted(served.score, {}, model.valid_ndcg10, served.extras)
 
     fits = {"MostPop": fit_mostpop, "EASE": fit_ease, "ALS": fit_als, "SASRec": fit_sasrec}
     unknown = sorted(set(models) - set(fits))
@@ -426,6 +434,10 @@ def evaluate_ml100k(
     for name in models:
         say(f"{name}: {len(seeds)} seeds")
         results.append(_run_model(name, fits[name], split, seeds))
+        if name == "SASRec":
+            say(f"{SERVED_NAME}: {len(seeds)} seeds")
+            served = _run_model(SERVED_NAME, fit_served, split, seeds)
+            results.append(served | {"served": True})
     return {
         "dataset": "ml100k",
         "protocol": "PROTOCOL.md (per-user temporal split, full ranking)",
@@ -442,6 +454,102 @@ def evaluate_ml100k(
         "target": {"ndcg@10": TARGET_NDCG10, "recall@10": TARGET_RECALL10},
         "models": results,
     }
+
+
+SERVED_NAME = "endcap served: artifact + FAISS"
+
+
+@dataclass(frozen=True, slots=True)
+class Served:
+    """A model's test ranking as the server computes it (see serve_sequential)."""
+
+    score: ScoreFn  # rank-derived scores: the served top list, best first
+    extras: dict[str, float]
+
+
+def serve_sequential(model: Any, split: Split, k: int = 50) -> Served:
+    """Test rankings through the server's own path: export `model`
+    (a training.sequential.SequentialModel) to an artifact in a temp dir,
+    load it with server.artifact, build each test user's query with
+    server.domain.engine.Engine.encode (trained history = train, the valid
+    items as live session views, newest first, as TrackEvents leaves them),
+    then search the artifact's FAISS index: over-fetch by the history size,
+    drop seen items, keep the top k.
+
+    extras: ann_recall@10/@50 (overlap with the exact top lists of the same
+    queries), query_max_abs_diff (served vs offline encoder vectors), and
+    encode_us (mean Engine.encode time per user).
+    """
+    import tempfile
+
+    import faiss
+
+    from server.artifact import load_artifact
+    from server.domain.engine import Engine
+    from server.domain.query import Context, Profile
+    from training.export import export_sequential
+    from training.sequential import ITEM_EMBEDDINGS, encode_history
+
+    users = np.flatnonzero(split.test.lengths() > 0).astype(np.int64)
+    item_names = [str(i) for i in split.item_ids.tolist()]
+    user_names = [str(u) for u in split.user_ids.tolist()]
+    seen = seen_mask(split.history("test"), users, split.n_items)
+    with tempfile.TemporaryDirectory(prefix="endcap-ml100k-") as tmp:
+        path = export_sequential(
+            model, Path(tmp), item_ids=item_names, user_ids=user_names, histories=split.train
+        )
+        artifact = load_artifact(path)
+        engine = Engine(artifact)
+        queries = np.zeros((users.shape[0], artifact.manifest.dim), dtype=np.float32)
+        encode_s = 0.0
+        for j, u in enumerate(users.tolist()):
+            valid = split.valid.row(u)
+            stamps = split.valid.timestamps[split.valid.indptr[u] : split.valid.indptr[u + 1]]
+            recent = tuple(
+                (item_names[i], float(t))
+                for i, t in zip(valid[::-1].tolist(), stamps[::-1].tolist(), strict=True)
+            )
+            start = time.perf_counter()
+            q, _ = engine.encode(Context(user_id=user_names[u]), Profile(recent=recent), 0.0)
+            encode_s += time.perf_counter() - start
+            queries[j] = q
+        fetch = min(split.n_items, k + int(seen.sum(axis=1).max(initial=0)))
+        previous = faiss.omp_get_max_threads()
+        faiss.omp_set_num_threads(1)
+        try:
+            _, found = artifact.index.search(queries, fetch)
+        finally:
+            faiss.omp_set_num_threads(previous)
+        table = np.asarray(artifact[ITEM_EMBEDDINGS], dtype=np.float32)
+    found = found.astype(np.int64)
+    ok = (found >= 0) & ~np.take_along_axis(seen, np.maximum(found, 0), axis=1)
+    order = np.argsort(~ok, axis=1, kind="stable")[:, :k]
+    ann = np.where(np.take_along_axis(ok, order, axis=1), np.take_along_axis(found, order, 1), -1)
+    exact = top_k(queries @ table.T, seen, k)
+    offline = encode_history(model.weights, split.history("test"))[users]
+    extras = {
+        f"ann_recall@{kk}": float(
+            np.mean(
+                [
+                    len(set(a[a >= 0].tolist()) & set(e[e >= 0].tolist())) / max((e >= 0).sum(), 1)
+                    for a, e in zip(ann[:, :kk], exact[:, :kk], strict=True)
+                ]
+            )
+        )
+        for kk in (10, k)
+    }
+    extras["query_max_abs_diff"] = float(np.abs(queries - offline).max()) if users.size else 0.0
+    extras["encode_us"] = 1e6 * encode_s / max(users.shape[0], 1)
+    # Scores that reproduce the served list: rank-derived for listed items, far below otherwise.
+    dense = np.full((split.n_users, split.n_items), -1e30, dtype=np.float32)
+    rows = np.repeat(users, k).reshape(-1, k)
+    listed = ann >= 0
+    dense[rows[listed], ann[listed]] = np.broadcast_to(np.arange(k, 0, -1), ann.shape)[listed]
+
+    def score(batch: npt.NDArray[np.int64]) -> npt.NDArray[np.float32]:
+        return dense[batch]
+
+    return Served(score, extras)
 
 
 def print_report(report: Mapping[str, Any], console: Console | None = None) -> None:
@@ -468,12 +576,26 @@ def print_report(report: Mapping[str, Any], console: Console | None = None) -> N
             for m in REPORT_METRICS
         ]
         wall, cpu = model["train_s"], model["train_cpu_s"]
-        table.add_row(
-            model["name"],
-            *cells,
-            f"{wall['mean']:.1f} ± {wall['std']:.1f}",
-            f"{cpu['mean']:.1f} ± {cpu['std']:.1f}",
+        timing = (
+            ("", "")  # export + queries, not training
+            if model.get("served")
+            else (
+                f"{wall['mean']:.1f} ± {wall['std']:.1f}",
+                f"{cpu['mean']:.1f} ± {cpu['std']:.1f}",
+            )
         )
+        table.add_row(model["name"], *cells, *timing)
     out.print(table)
+    for model in report["models"]:
+        if model.get("served"):
+            runs = model["runs"]
+            out.print(
+                f"{model['name']}: ANN top-10 recall vs exact "
+                f"{np.mean([r['ann_recall@10'] for r in runs]):.4f} "
+                f"(top-50 {np.mean([r['ann_recall@50'] for r in runs]):.4f}); "
+                f"served vs offline query max |Δ| "
+                f"{max(r['query_max_abs_diff'] for r in runs):.2e}; "
+                f"Engine.encode {np.mean([r['encode_us'] for r in runs]):.0f} µs per user"
+            )
     target = report["target"]
     out.print(f"target: ndcg@10 >= {target['ndcg@10']}, recall@10 > {target['recall@10']}")
