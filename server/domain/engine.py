@@ -296,7 +296,7 @@ class Engine:
         rows = self.catalog.lookup(query.candidates)
         known = rows >= 0
         flt, currency, rate = self._compile(ctx, query.filters)
-        passing = np.zeros(rows.shape[0], dtype=bool)
+        passing = known.copy()
         passing[known] = flt.passes(rows[known])
         ids = rows[passing]
         q, personal = self.encode(ctx, profile, now_s, blend)
@@ -308,10 +308,8 @@ class Engine:
             currency,
             rate,
             personal,
-            unknown_ids=tuple(c for c, ok in zip(cands, known, strict=True) if not ok),
-            filtered_ids=tuple(
-                c for c, ok, p in zip(cands, known, passing, strict=True) if ok and not p
-            ),
+            unknown_ids=tuple(cands[i] for i in np.flatnonzero(~known).tolist()),
+            filtered_ids=tuple(cands[i] for i in np.flatnonzero(known & ~passing).tolist()),
         )
 
     # Writes.

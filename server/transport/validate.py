@@ -32,6 +32,7 @@ MAX_ID_CHARS = 128
 MAX_TEXT_CHARS = 256
 
 _COUNTRY = re.compile(r"[A-Z]{2}")
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 _CURRENCY = re.compile(r"[A-Z]{3}")
 _DEVICES = frozenset(pb.RequestContext.Device.values())
 _PLACEMENTS = frozenset(pb.RequestContext.Placement.values())
@@ -49,7 +50,7 @@ class InvalidRequest(ValueError):
 def _text(field: str, value: str, limit: int = MAX_TEXT_CHARS) -> str:
     if len(value) > limit:
         raise InvalidRequest(field, f"must be at most {limit} characters, got {len(value)}")
-    if any(ord(ch) < 32 or ch == "\x7f" for ch in value):
+    if _CONTROL.search(value):
         raise InvalidRequest(field, "must not contain control characters")
     return value
 
@@ -66,6 +67,20 @@ def _ids(
     """Non-empty, bounded strings; duplicates rejected if `unique`, else dropped."""
     if len(values) > limit:
         raise InvalidRequest(field, f"must have at most {limit} entries, got {len(values)}")
+    if not values:
+        return ()
+    # Whole-list checks in C first (500 ids one character at a time cost ~1 ms); the
+    # loop below runs only to name the first offending entry.
+    listed = list(values)  # a protobuf repeated field makes new str objects per pass
+    unique_values = tuple(dict.fromkeys(listed))
+    lengths = list(map(len, listed))
+    if (
+        min(lengths) > 0
+        and max(lengths) <= chars
+        and not _CONTROL.search("".join(listed))
+        and (not unique or len(unique_values) == len(listed))
+    ):
+        return unique_values
     seen: set[str] = set()
     for i, value in enumerate(values):
         if not value:

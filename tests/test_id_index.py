@@ -1,0 +1,47 @@
+"""IdIndex: the hashed (large-catalog) path and the dict (small) path agree with a dict."""
+
+from __future__ import annotations
+
+import numpy as np
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from server.domain.catalog import IdIndex
+
+_ID = st.text(st.characters(min_codepoint=33, max_codepoint=0x2FF), min_size=1, max_size=12)
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    ids=st.lists(_ID, min_size=1, max_size=60, unique=True),
+    probes=st.lists(_ID, max_size=30),
+    small=st.sampled_from([0, 1_000]),
+)
+def test_lookup_matches_a_dict(ids: list[str], probes: list[str], small: int) -> None:
+    index = IdIndex(np.asarray(ids), small=small)
+    truth = {v: i for i, v in enumerate(ids)}
+    queries = ids[::-1] + probes + [ids[0] + "x", ids[-1][:-1] or "?"]
+    assert index.lookup(queries).tolist() == [truth.get(q, -1) for q in queries]
+    for q in queries[:10]:
+        assert index.get(q) == truth.get(q)
+    live = "live-item-0000000001"  # longer than any generated id
+    index.add(live, len(ids))
+    assert index.lookup([live, ids[0]]).tolist() == [len(ids), 0]
+    assert len(index) == len(ids) + 1
+
+
+def test_hash_collisions_are_resolved() -> None:
+    ids = np.asarray([f"id-{i}" for i in range(50)])
+    index = IdIndex(ids, small=0)
+    # Force every id into one hash bucket: lookups must still find each one.
+    index._hashes[:] = 7
+    index._order = np.arange(50, dtype=np.int64)
+    import builtins
+
+    original = builtins.hash
+    builtins.hash = lambda _x: 7  # type: ignore[assignment]
+    try:
+        got = index.lookup([*ids.tolist(), "nope"]).tolist()
+    finally:
+        builtins.hash = original
+    assert got == [*range(50), -1]
