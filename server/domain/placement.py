@@ -20,6 +20,7 @@ import numpy.typing as npt
 
 from server.domain.caps import Caps, admit
 from server.domain.errors import InvalidQuery, UnknownItems
+from server.domain.exposure import demote
 from server.domain.filters import Compiled
 from server.domain.query import Profile, RecommendQuery, segment_key
 from server.domain.retrieval import Provenance, Results
@@ -261,6 +262,10 @@ def execute(
         cand_prov = np.array([cands.best[r][2] for r in cand_ids.tolist()], dtype=np.int8)
         names = [cands.best[r][1] for r in cand_ids.tolist()]
         plan_name = "blend"
+    cap = query.diversity.exposure_cap or st.exposure_cap
+    cand_ids, cand_scores, cand_prov, names = demote(
+        engine.catalog, profile, cap, cand_ids, cand_scores, cand_prov, names
+    )
     chosen = _diversify(engine, cand_ids, cand_scores, query, st, k)
     ids, scores, prov = cand_ids[chosen], cand_scores[chosen], cand_prov[chosen]
     names = [names[i] for i in chosen.tolist()]

@@ -55,6 +55,7 @@ class DiversitySpec:
     max_per_category: int = 0
     max_per_brand: int = 0
     level: float = 0.0  # MMR trade-off in [0, 1]
+    exposure_cap: int = 0  # demote items shown this often without engagement; 0 = strategy's
 
 
 @dataclass(frozen=True, slots=True)
@@ -137,6 +138,9 @@ class Profile:
     first_seen_s: float = 0.0
     last_purchase_s: float = 0.0
     forgotten: bool = False  # the shopper asked to be forgotten: ignore trained profile
+    # (item_id, impressions) of items shown since the shopper last engaged with them;
+    # impressions fade (a week-old one counts about 1/e), so counts are fractional.
+    exposures: tuple[tuple[str, float], ...] = ()
 
     @property
     def empty(self) -> bool:

@@ -52,6 +52,7 @@ class Strategy:
     max_per_category: int = 0
     max_per_brand: int = 0
     diversity: float = 0.0
+    exposure_cap: int = 0  # demote items shown this many times without engagement; 0 = off
 
     def weights(self, device: int, segment: str) -> dict[str, float]:
         """Retriever weights for this device and shopper segment."""
@@ -136,7 +137,7 @@ def _strategy(name: str, raw: Mapping[str, Any]) -> Strategy:
     known = {
         "retrievers", "device_weights", "segment_weights", "seeds", "same_category",
         "price_ratio", "complementary", "exclude_cart", "exclude_purchased",
-        "max_per_category", "max_per_brand", "diversity",
+        "max_per_category", "max_per_brand", "diversity", "exposure_cap",
     }  # fmt: skip
     unknown = set(raw) - known
     if unknown:
@@ -152,6 +153,11 @@ def _strategy(name: str, raw: Mapping[str, Any]) -> Strategy:
     diversity = float(raw.get("diversity", 0.0))
     if not 0.0 <= diversity <= 1.0:
         raise StrategyConfigError(f"{where}.diversity: must be in [0, 1], got {diversity}")
+    exposure_cap = raw.get("exposure_cap", 0)
+    if isinstance(exposure_cap, bool) or not isinstance(exposure_cap, int) or exposure_cap < 0:
+        raise StrategyConfigError(
+            f"{where}.exposure_cap: must be an integer >= 0, got {exposure_cap!r}"
+        )
     retrievers = _weights(raw.get("retrievers", {}), f"{where}.retrievers")
     if not retrievers:
         raise StrategyConfigError(f"{where}.retrievers: at least one retriever is required")
@@ -171,6 +177,7 @@ def _strategy(name: str, raw: Mapping[str, Any]) -> Strategy:
         max_per_category=int(raw.get("max_per_category", 0)),
         max_per_brand=int(raw.get("max_per_brand", 0)),
         diversity=diversity,
+        exposure_cap=exposure_cap,
     )
 
 

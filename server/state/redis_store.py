@@ -15,6 +15,10 @@ from redis.exceptions import RedisError
 from server.domain.query import Profile, StateEvent, key_hash
 from server.state.store import (
     ADD_TO_CART,
+    ENGAGEMENTS,
+    EXPOSURE_ITEMS,
+    EXPOSURE_TAU_S,
+    IMPRESSION,
     LONG_TAU_S,
     POPULARITY_WEIGHTS,
     PURCHASE,
@@ -55,6 +59,11 @@ class RedisStore:
         base = f"{self.prefix}p:{key}"
         return f"{base}:recent", f"{base}:cart", f"{base}:purchased", f"{base}:stats"
 
+    def _seen(self, key: str) -> str:
+        """Sorted set: item -> impressions since the shopper last engaged with it, each
+        weighted as popularity is (decay_weight), so ranks drop old, rare ones first."""
+        return f"{self.prefix}p:{key}:seen"
+
     async def apply(self, events: Sequence[StateEvent]) -> None:
         pipe = self.client.pipeline(transaction=False)
         touched: set[str] = set()
@@ -66,6 +75,12 @@ class RedisStore:
             if ev.kind in (VIEW, ADD_TO_CART, PURCHASE):
                 pipe.zadd(recent, {ev.item_id: ev.ts_s})
                 pipe.zremrangebyrank(recent, 0, -self.recent_items - 1)
+            if ev.kind == IMPRESSION and ev.item_id:
+                shown = decay_weight(1.0, ev.ts_s, EXPOSURE_TAU_S)
+                pipe.zincrby(self._seen(ev.key), shown, ev.item_id)
+                pipe.zremrangebyrank(self._seen(ev.key), 0, -2 * EXPOSURE_ITEMS - 1)
+            elif ev.kind in ENGAGEMENTS:
+                pipe.zrem(self._seen(ev.key), ev.item_id)
             if ev.kind == ADD_TO_CART:
                 pipe.zadd(cart, {ev.item_id: ev.ts_s})
             elif ev.kind == REMOVE_FROM_CART:
@@ -86,7 +101,7 @@ class RedisStore:
                     )
                     pop_keys.add(base)
         for key in touched:
-            for k in self._keys(key):
+            for k in (*self._keys(key), self._seen(key)):
                 pipe.expire(k, self.ttl_s)
         for base in pop_keys:
             # Bound each segment: drop all but the top 2x capacity.
@@ -102,8 +117,10 @@ class RedisStore:
         pipe.zrevrange(purchased, 0, -1)
         pipe.hgetall(stats)
         pipe.sismember(f"{self.prefix}forgotten", key_hash(key).hex())
-        r, c, p, s, forgotten = await pipe.execute()
+        pipe.zrange(self._seen(key), 0, -1, withscores=True)
+        r, c, p, s, forgotten, seen = await pipe.execute()
         st = {k.decode(): float(v) for k, v in s.items()}
+        scale = decay_weight(1.0, time.time(), EXPOSURE_TAU_S)
         return Profile(
             recent=tuple((m.decode(), float(ts)) for m, ts in r),
             cart=tuple(m.decode() for m in c),
@@ -113,15 +130,16 @@ class RedisStore:
             first_seen_s=st.get("first_seen_s", 0.0),
             last_purchase_s=st.get("last_purchase_s", 0.0),
             forgotten=bool(forgotten),
+            exposures=tuple((m.decode(), float(n) / scale) for m, n in seen),
         )
 
     async def forget(self, key: str) -> int:
         keys = self._keys(key)
         pipe = self.client.pipeline(transaction=True)
-        for k in keys[:3]:
+        for k in (*keys[:3], self._seen(key)):
             pipe.zcard(k)
         pipe.exists(keys[3])
-        pipe.delete(*keys)
+        pipe.delete(*keys, self._seen(key))
         pipe.sadd(f"{self.prefix}forgotten", key_hash(key).hex())
         *counts, _, _ = await pipe.execute()
         return int(sum(counts))

@@ -24,6 +24,14 @@ from server.domain.query import Profile, StateEvent, key_hash
 
 # Event kinds the state layer understands (mirrors Event.Type in the proto).
 VIEW, ADD_TO_CART, REMOVE_FROM_CART, PURCHASE = 1, 2, 3, 4
+IMPRESSION, CLICK = 6, 7  # RECOMMENDATION_IMPRESSION, RECOMMENDATION_CLICK
+# Engaging with an item resets its impression count (exposure caps).
+ENGAGEMENTS = frozenset({CLICK, ADD_TO_CART, PURCHASE})
+# Impression counts kept per shopper: past this, the least-shown items are dropped.
+EXPOSURE_ITEMS = 200
+# Impressions fade with this time constant: a week-old one counts e^-1, so an item
+# demoted long ago gets another chance and fresh items are never crowded out.
+EXPOSURE_TAU_S = 7 * 86_400.0
 # How much an event says about what a segment wants.
 POPULARITY_WEIGHTS = {VIEW: 1.0, ADD_TO_CART: 3.0, PURCHASE: 5.0}
 LONG_TAU_S = 3 * 86_400.0
@@ -67,6 +75,7 @@ class _MutableProfile:
     first_seen_s: float = 0.0
     last_purchase_s: float = 0.0
     touched_s: float = 0.0
+    seen: dict[str, float] = field(default_factory=dict)  # item -> decayed impressions
 
 
 class _Counter:
@@ -153,14 +162,14 @@ class MemoryStore:
             if p is not None:
                 del self._profiles[key]
             return Profile(forgotten=forgotten)
-        return _freeze(p, forgotten)
+        return _freeze(p, forgotten, time.time())
 
     async def forget(self, key: str) -> int:
         self._forgotten.add(key_hash(key))
         p = self._profiles.pop(key, None)
         if p is None:
             return 0
-        return len(p.recent) + len(p.cart) + len(p.purchased) + 1
+        return len(p.recent) + len(p.cart) + len(p.purchased) + len(p.seen) + 1
 
     async def mark_forgotten(self, hashes: Iterable[bytes]) -> None:
         self._forgotten.update(hashes)
@@ -174,6 +183,13 @@ class MemoryStore:
 
 
 def _apply_one(p: _MutableProfile, ev: StateEvent, recent_items: int) -> None:
+    if ev.kind == IMPRESSION and ev.item_id:
+        weight = decay_weight(1.0, ev.ts_s, EXPOSURE_TAU_S)
+        p.seen[ev.item_id] = p.seen.get(ev.item_id, 0.0) + weight
+        if len(p.seen) > 2 * EXPOSURE_ITEMS:
+            p.seen = dict(heapq.nlargest(EXPOSURE_ITEMS, p.seen.items(), key=lambda kv: kv[1]))
+    elif ev.kind in ENGAGEMENTS:
+        p.seen.pop(ev.item_id, None)
     if ev.kind in (VIEW, ADD_TO_CART, PURCHASE):
         p.recent.pop(ev.item_id, None)
         p.recent[ev.item_id] = ev.ts_s
@@ -192,7 +208,8 @@ def _apply_one(p: _MutableProfile, ev: StateEvent, recent_items: int) -> None:
         p.last_purchase_s = max(p.last_purchase_s, ev.ts_s)
 
 
-def _freeze(p: _MutableProfile, forgotten: bool) -> Profile:
+def _freeze(p: _MutableProfile, forgotten: bool, now_s: float) -> Profile:
+    scale = decay_weight(1.0, now_s, EXPOSURE_TAU_S)
     return Profile(
         recent=tuple(reversed(p.recent.items())),
         cart=tuple(reversed(p.cart)),
@@ -202,4 +219,5 @@ def _freeze(p: _MutableProfile, forgotten: bool) -> Profile:
         first_seen_s=p.first_seen_s,
         last_purchase_s=p.last_purchase_s,
         forgotten=forgotten,
+        exposures=tuple((item, v / scale) for item, v in p.seen.items()),
     )

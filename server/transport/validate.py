@@ -217,7 +217,14 @@ def _diversity(msg: pb.Diversity) -> DiversitySpec:
             raise InvalidRequest(f"diversity.{name}", f"must be in [0, {MAX_RESULTS}], got {value}")
     if not math.isfinite(msg.level) or not 0 <= msg.level <= 1:
         raise InvalidRequest("diversity.level", f"must be in [0, 1], got {msg.level}")
-    return DiversitySpec(msg.max_per_category, msg.max_per_brand, msg.level)
+    if not 0 <= msg.exposure_cap <= MAX_EXPOSURE_CAP:
+        raise InvalidRequest(
+            "diversity.exposure_cap", f"must be in [0, {MAX_EXPOSURE_CAP}], got {msg.exposure_cap}"
+        )
+    return DiversitySpec(msg.max_per_category, msg.max_per_brand, msg.level, msg.exposure_cap)
+
+
+MAX_EXPOSURE_CAP = 1000
 
 
 def recommend(msg: pb.RecommendRequest) -> RecommendQuery:

@@ -450,6 +450,7 @@ class Diversity(_message.Message):
     MAX_PER_CATEGORY_FIELD_NUMBER: _builtins.int
     MAX_PER_BRAND_FIELD_NUMBER: _builtins.int
     LEVEL_FIELD_NUMBER: _builtins.int
+    EXPOSURE_CAP_FIELD_NUMBER: _builtins.int
     max_per_category: _builtins.int
     """At most this many items per leaf category / brand; 0 = the strategy's
     limit (none by default). Caps are hard: when fewer than num_results items
@@ -459,16 +460,24 @@ class Diversity(_message.Message):
     max_per_brand: _builtins.int
     level: _builtins.float
     """MMR trade-off in [0, 1]: 0 = pure relevance, 1 = maximal spread."""
+    exposure_cap: _builtins.int
+    """Exposure cap in [0, 1000]: an item this shopper was shown at least this
+    many times since they last clicked, carted or bought it is demoted below
+    every other candidate (still used to fill a short list). Impressions are
+    RECOMMENDATION_IMPRESSION events naming the item_id, one per item shown.
+    0 = the strategy's exposure_cap (3 on home, category and email).
+    """
     def __init__(
         self,
         *,
         max_per_category: _builtins.int = ...,
         max_per_brand: _builtins.int = ...,
         level: _builtins.float = ...,
+        exposure_cap: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["level", b"level", "max_per_brand", b"max_per_brand", "max_per_category", b"max_per_category"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["exposure_cap", b"exposure_cap", "level", b"level", "max_per_brand", b"max_per_brand", "max_per_category", b"max_per_category"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
