@@ -88,6 +88,7 @@ class Encoder:
     heads: int
     layers: tuple[_Layer, ...]
     final_ln: tuple[npt.NDArray[np.float32], npt.NDArray[np.float32]]
+    causal_bias: npt.NDArray[np.float32]  # (L, L): 0 on and below the diagonal, else -inf
 
     @classmethod
     def of(cls, weights: Mapping[str, npt.NDArray[Any]]) -> Encoder:
@@ -109,7 +110,10 @@ class Encoder:
         position = f32(POSITION)
         if heads < 1 or position.shape[1] % heads:
             raise ValueError(f"{NUM_HEADS} must divide dim {position.shape[1]}, got {heads}")
-        return cls(position, heads, layers, (f32(FINAL_LN_WEIGHT), f32(FINAL_LN_BIAS)))
+        length = position.shape[0]
+        causal = np.tril(np.ones((length, length), dtype=np.bool_))
+        bias = np.where(causal, np.float32(0.0), np.float32(-np.inf)).astype(np.float32)
+        return cls(position, heads, layers, (f32(FINAL_LN_WEIGHT), f32(FINAL_LN_BIAS)), bias)
 
     @property
     def max_len(self) -> int:
@@ -142,11 +146,12 @@ class Encoder:
         heads, head_dim = self.heads, dim // self.heads
         scale = 1.0 / math.sqrt(head_dim)
         x = (x + self.position[self.max_len - cols :]).astype(np.float32, copy=False)
-        causal = np.tril(np.ones((cols, cols), dtype=np.bool_))
-        allowed = causal[None] if real.all() else (causal[None] & real[:, None, :])
-        allowed = allowed | np.eye(cols, dtype=np.bool_)[None]
         # Added to attention logits: 0 where a key may be read, -inf elsewhere.
-        bias = np.where(allowed, np.float32(0.0), np.float32(-np.inf))[:, None]
+        bias = self.causal_bias[None, None, self.max_len - cols :, self.max_len - cols :]
+        if not real.all():
+            causal = np.tril(np.ones((cols, cols), dtype=np.bool_))
+            allowed = (causal[None] & real[:, None, :]) | np.eye(cols, dtype=np.bool_)[None]
+            bias = np.where(allowed, np.float32(0.0), np.float32(-np.inf))[:, None]
         for i, w in enumerate(self.layers):
             # The last block only needs the most recent position's output.
             rows = cols if i < len(self.layers) - 1 else 1
@@ -173,11 +178,19 @@ class Encoder:
 def _layer_norm(
     x: npt.NDArray[np.float32], weight: npt.NDArray[np.float32], bias: npt.NDArray[np.float32]
 ) -> npt.NDArray[np.float32]:
-    mean = x.mean(axis=-1, keepdims=True)
+    # ufunc reductions and in-place steps: ndarray.mean's Python overhead dominated here.
+    scale = np.float32(1.0 / x.shape[-1])
+    mean = np.add.reduce(x, axis=-1, keepdims=True)
+    mean *= scale
     centered = x - mean
-    var = (centered * centered).mean(axis=-1, keepdims=True)
-    result: npt.NDArray[np.float32] = centered / np.sqrt(var + np.float32(LN_EPS)) * weight + bias
-    return result
+    var = np.add.reduce(centered * centered, axis=-1, keepdims=True)
+    var *= scale
+    var += np.float32(LN_EPS)
+    np.sqrt(var, out=var)
+    centered /= var
+    centered *= weight
+    centered += bias
+    return centered
 
 
 def _gelu_tanh(x: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
