@@ -303,3 +303,31 @@ def test_served_list_reads_a_trained_user_and_their_session(
     seq_stub.TrackEvents(_views([25, 26], user="u0"))
     after = seq_stub.Recommend(pb.RecommendRequest(context=ctx, num_results=5))
     assert [i.item_id for i in after.items] == _exact_top(model, HISTORIES[0] + [25, 26], 5)
+
+
+# ---- the evaluation's served row ------------------------------------------------
+
+
+def test_served_evaluation_equals_the_offline_scorer(model: SequentialModel) -> None:
+    from training.protocol import Split, evaluate, serve_sequential
+
+    rng = np.random.default_rng(5)
+    rows = [rng.permutation(N_ITEMS)[:n].tolist() for n in (12, 9, 15, 10, 20, 11)]
+    # Per user: train, then 2 valid items, then 2 test items.
+    train = _part([r[:-4] for r in rows])
+    valid = _part([r[-4:-2] for r in rows])
+    test = _part([r[-2:] for r in rows])
+    split = Split(
+        user_ids=np.arange(len(rows), dtype=np.int64) + 1,
+        item_ids=np.arange(N_ITEMS, dtype=np.int64) + 1,
+        train=train,
+        valid=valid,
+        test=test,
+    )
+    served = serve_sequential(model, split, k=10)
+    assert served.extras["ann_recall@10"] == 1.0  # a flat index is exact
+    assert served.extras["query_max_abs_diff"] < 1e-5
+    offline = evaluate(model.scorer(split.history("test")), split, "test", ks=(10,))
+    online = evaluate(served.score, split, "test", ks=(10,))
+    for metric in ("recall@10", "ndcg@10", "hit@10"):
+        assert online[metric] == pytest.approx(offline[metric])
