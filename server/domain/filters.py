@@ -12,8 +12,10 @@ candidate ids that reach it.
 
 from __future__ import annotations
 
+import dataclasses
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
@@ -120,6 +122,10 @@ class Compiled:
     prices: npt.NDArray[np.float64]  # the catalog's base-currency price column
     spec: FilterSpec | None = None  # what was compiled, for per-partition estimates
     source: FilterIndex | None = None
+    # Derived values, computed on first use: `memo` for these bits, `shared` for every
+    # request with the same filters bar excluded items (the filter index's cache entry).
+    memo: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
+    shared: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
     @property
     def has_residual(self) -> bool:
@@ -143,14 +149,32 @@ class Compiled:
         return ok
 
     def passing_ids(self) -> npt.NDArray[np.int64]:
-        ids = to_ids(self.bits)
-        return ids[self.residual(ids)] if self.has_residual else ids
+        """Ascending ids of the passing items (read-only: may be shared by requests)."""
+        ids: npt.NDArray[np.int64] | None = self.memo.get("ids")
+        if ids is None:
+            ids = to_ids(self.bits)
+            if self.has_residual:
+                ids = ids[self.residual(ids)]
+            ids.flags.writeable = False
+            if ids.shape[0] <= _MEMO_MAX_IDS:
+                self.memo["ids"] = ids
+        return ids
 
     def partition_estimate(self, partitions: Partitions) -> npt.NDArray[np.float64] | None:
         """Expected passing items in each partition of `partitions`; None if unknown."""
         if self.spec is None or self.source is None or self.source.partitions is not partitions:
             return None
-        return partitions.estimate(self.spec, self.estimate, self.source)
+        # Excluded items do not enter the estimate: share it across such requests.
+        cached = self.shared.get("partition_estimate")
+        if cached is None or cached[0] is not partitions:
+            cached = (partitions, *partitions.unscaled_estimate(self.spec, self.source))
+            self.shared["partition_estimate"] = cached
+        _, est, got = cached
+        return est * (self.estimate / got) if got > 0 else est.copy()
+
+
+_MEMO_MAX_IDS = 32_768  # passing ids kept with a compiled filter (exact-scan sized)
+_COMPILED_CACHE_BYTES = 16 << 20  # compiled bitmaps kept for repeated filters
 
 
 def _set(bits: npt.NDArray[np.uint64], row: int, on: bool) -> None:
@@ -214,6 +238,11 @@ class FilterIndex:
         # Built brand bitmaps, least recently used first, bounded to ~32 MB.
         self._brand_cache: OrderedDict[int, npt.NDArray[np.uint64]] = OrderedDict()
         self._brand_cache_size = max(4, (32 << 20) // max(w * 8, 1))
+        # Compiled filters (bits, popcount, shared memo) by spec without excluded items,
+        # least recently used first; any item change clears it.
+        self._compiled: OrderedDict[FilterSpec, tuple[npt.NDArray[np.uint64], int, dict[str, Any]]]
+        self._compiled = OrderedDict()
+        self._compiled_size = max(4, _COMPILED_CACHE_BYTES // max(w * 8, 1))
         # Cumulative price buckets: le_bits[j] = items priced <= edges[j]; items
         # above the last edge (live price rises) sit in no bucket.
         price = np.asarray(price)
@@ -268,6 +297,7 @@ class FilterIndex:
         countries: npt.NDArray[np.bool_] | None = None,  # (c,) availability
     ) -> None:
         """Apply one item's changed attributes to every bitmap (live catalog)."""
+        self._compiled.clear()
         if self.partitions is not None:
             self.partitions.update(self, row, category, price, in_stock, countries)
         if category is not None:
@@ -327,6 +357,43 @@ class FilterIndex:
         return bits
 
     def compile(self, spec: FilterSpec) -> Compiled:
+        """The request's bitmap: repeated filters (the same country, stock, categories,
+        brands and prices) reuse the bitmap compiled last time, then clear their
+        excluded items in a copy."""
+        base = dataclasses.replace(spec, exclude_items=()) if spec.exclude_items else spec
+        entry = self._compiled.get(base)
+        if entry is None:
+            bits = self._bits(base)
+            bits.flags.writeable = False  # shared by every request with these filters
+            entry = (bits, count(bits), {})
+            self._compiled[base] = entry
+            if len(self._compiled) > self._compiled_size:
+                self._compiled.popitem(last=False)
+        else:
+            self._compiled.move_to_end(base)
+        bits, estimate, shared = entry
+        memo = shared
+        if spec.exclude_items:
+            excluded = np.unique(np.asarray(spec.exclude_items, dtype=np.int64))
+            estimate -= int(test_ids(bits, excluded).sum())
+            bits = bits.copy()
+            clear_ids(bits, excluded)
+            memo = {}
+        return Compiled(
+            bits=bits,
+            estimate=estimate,
+            min_price=spec.min_price,
+            max_price=spec.max_price,
+            rate=spec.rate,
+            prices=self.price,
+            spec=spec,
+            source=self,
+            memo=memo,
+            shared=shared,
+        )
+
+    def _bits(self, spec: FilterSpec) -> npt.NDArray[np.uint64]:
+        """AND the attribute bitmaps of `spec` (excluded items aside)."""
         bits = self.alive_bits.copy()
         if spec.country is not None:
             if spec.country < 0:
@@ -354,18 +421,7 @@ class FilterIndex:
                 bits[:] = 0
         if spec.min_price is not None or spec.max_price is not None:
             bits &= self._price_superset(*self._price_bounds(spec))
-        if spec.exclude_items:
-            clear_ids(bits, np.asarray(spec.exclude_items, dtype=np.int64))
-        return Compiled(
-            bits=bits,
-            estimate=count(bits),
-            min_price=spec.min_price,
-            max_price=spec.max_price,
-            rate=spec.rate,
-            prices=self.price,
-            spec=spec,
-            source=self,
-        )
+        return bits
 
     def attach_partitions(self, assign: npt.NDArray[np.int32], n_parts: int) -> Partitions:
         """Count attribute values per partition (e.g. IVF list) of rows 0..len(assign)-1,
@@ -471,18 +527,25 @@ class Partitions:
 
     def estimate(self, spec: FilterSpec, total: int, fi: FilterIndex) -> npt.NDArray[np.float64]:
         """(n_parts,) expected passing items per partition, summing to `total`."""
+        est, got = self.unscaled_estimate(spec, fi)
+        return est * (total / got) if got > 0 else est
+
+    def unscaled_estimate(
+        self, spec: FilterSpec, fi: FilterIndex
+    ) -> tuple[npt.NDArray[np.float64], float]:
+        """(per-partition pass estimates before rescaling, their sum)."""
         size = self.size.astype(np.float64)
         safe = np.maximum(size, 1.0)
         est = size.copy()
         if spec.country is not None:
             if spec.country < 0:
-                return np.zeros_like(est)
+                return np.zeros_like(est), 0.0
             est *= self.country[spec.country] / safe
         if spec.in_stock_only:
             est *= self.stock / safe
         if spec.include_categories is not None:
             if not spec.include_categories:
-                return np.zeros_like(est)
+                return np.zeros_like(est), 0.0
             inc = self.category[list(spec.include_categories)].sum(axis=0)
             est *= np.minimum(inc, size) / safe
         if spec.require_category is not None:
@@ -514,7 +577,4 @@ class Partitions:
             ids = ids[ids < self.n_rows]
             in_brand = np.bincount(self.assign[ids], minlength=self.n_parts)
             est *= in_brand / safe
-        got = float(est.sum())
-        if got > 0:
-            est *= total / got
-        return est
+        return est, float(est.sum())
