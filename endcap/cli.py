@@ -158,6 +158,11 @@ def _add_evaluate_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-context-ablation", action="store_true", help="skip the no-context model")
     p.add_argument("--no-cold-start", action="store_true", help="skip held-out items and shoppers")
     p.add_argument("--no-fidelity", action="store_true", help="skip the artifact + FAISS check")
+    p.add_argument(
+        "--no-placements",
+        action="store_true",
+        help="skip replaying held-out shopping through the served Engine per placement",
+    )
     p.add_argument("--artifacts", type=Path, help="keep the exported artifact under this root")
     p.add_argument(
         "--skip-invalid",

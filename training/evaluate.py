@@ -60,6 +60,8 @@ class EvalConfig:
     fidelity: bool = True
     fidelity_users: int | None = 50_000  # test shoppers queried through FAISS (sampled above)
     bestseller_list: int = 20
+    placements: bool = True  # replay held-out shopping through the Engine per placement
+    placement_cases: int = 1_000  # sampled cases per placement
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -680,6 +682,13 @@ def evaluate_dataset(
         report["models"].insert(1, served.to_json())
     if config.cold_start:
         report["cold_start"] = _cold_start(run, data, train_set, two_tower)
+    if config.placements:
+        from training.placement_eval import evaluate_placements
+
+        say("replaying held-out shopping through the served Engine, per placement")
+        report["placements"] = evaluate_placements(
+            dataset, data.train_events, main, max_cases=config.placement_cases, seed=config.seed
+        )
     report["seconds"] = round(time.perf_counter() - began, 1)
     return report
 
@@ -1246,6 +1255,10 @@ def print_report(report: Mapping[str, Any], console: Console | None = None) -> N
                         str(given), name, *(_f(row[m]) for m in ("recall@10", "ndcg@10", "hit@10"))
                     )
             out.print(t)
+    if "placements" in report:
+        from training.placement_eval import print_placements
+
+        print_placements(report["placements"], out)
     out.print(f"evaluated in {report['seconds']:.0f}s")
 
 
@@ -1329,6 +1342,7 @@ def run_command(args: argparse.Namespace) -> int:
                 context_ablation=not args.no_context_ablation,
                 cold_start=not args.no_cold_start,
                 fidelity=not args.no_fidelity,
+                placements=not args.no_placements,
                 seed=args.seed,
             )
         except ValueError as exc:
