@@ -64,7 +64,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--skip",
         type=str,
         default="",
-        help="comma list of sections to skip: realtime,replicas,workers,open_loop,sweep",
+        help="comma list of sections to skip: realtime,replicas,workers,open_loop,sweep,placements",
     )
     p.add_argument(
         "--tune",

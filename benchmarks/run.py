@@ -24,7 +24,7 @@ from typing import Any
 import grpc
 import numpy as np
 
-from benchmarks import inproc, realtime
+from benchmarks import inproc, placements, realtime
 from benchmarks.catalog import CatalogSpec, ensure_catalog
 from benchmarks.loadgen import SERVICE, LoadClient, LoadOutcome, LoadSpec
 from benchmarks.options import add_arguments
@@ -321,6 +321,8 @@ def run_main(b: Bench, args: argparse.Namespace) -> dict[str, Any]:
             )
         )
         out["scenarios"] = scen
+        if "placements" not in b.skip:
+            b.section(out, "placements", lambda: placements.run(b, server, engine, args.seed))
         echo_c1 = e1.latency.get_value_at_percentile(50)
         echo_c1b = e1b.latency.get_value_at_percentile(50)
         out["floors"] = {

@@ -214,6 +214,7 @@ def test_load_targets_must_be_loopback() -> None:
 
 def test_bench_smoke(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """One tiny run of every section; no timing asserts, only that it measured."""
+    from benchmarks.placements import PLACEMENTS
     from benchmarks.run import main
 
     monkeypatch.setenv("ENDCAP_BENCH_CACHE", str(tmp_path / "cache"))
@@ -249,6 +250,10 @@ def test_bench_smoke(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     assert r["workers"]["workers"] == 2 and r["workers"]["qps"] > 0
     assert all(n > 0 for n in r["workers"]["recommend_calls_per_worker_total"])
     assert r["memory"]["rss_mb"] > 0
+    placed = r["placements"]["table"]
+    assert [row["placement"] for row in placed] == list(PLACEMENTS)
+    assert all(row["qps"] > 0 and not row["errors"] for row in placed)
+    assert all(row["server_p50_us"] > 0 for row in placed)
     assert {Path(p).name for p in r["plots"]} == {
         "latency_vs_load.png",
         "latency_by_selectivity.png",
