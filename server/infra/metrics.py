@@ -112,8 +112,15 @@ class Metrics:
         )
         self.shed = Counter(
             "endcap_shed_total",
-            "Calls refused before running: in_flight (RESOURCE_EXHAUSTED), deadline (already late).",
+            "Calls refused before running: queue and in_flight (RESOURCE_EXHAUSTED), "
+            "deadline (already late).",
             ["reason"],
+            registry=registry,
+        )
+        self.queue_delay = Histogram(
+            "endcap_queue_delay_seconds",
+            "How long Recommender calls with a deadline waited before their handler ran.",
+            buckets=(0.001, 0.0025, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5),
             registry=registry,
         )
         self.budget_fallbacks = Counter(

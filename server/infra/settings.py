@@ -51,6 +51,8 @@ class Settings:
     strategies: str = ""  # TOML placement strategies overriding the defaults; "" = defaults
     max_message_bytes: int = 4 * 1024 * 1024
     max_in_flight: int = 64  # admitted calls at once; beyond it RESOURCE_EXHAUSTED; 0 = no limit
+    queue_target_s: float = 0.02  # refuse calls queued longer while a queue stands; 0 = never
+    queue_interval_s: float = 0.1  # a queue stands when every call waited > target this long
     request_budget_s: float = 1.0  # server time per call (the client's deadline if sooner)
     fallback_below_s: float = 0.005  # less budget left: answer from segment popularity
     tls_cert: str = ""  # PEM certificate chain: serve TLS (with tls_key)
@@ -118,6 +120,9 @@ class Settings:
         for name in ("max_in_flight", "request_budget_s", "fallback_below_s"):
             if getattr(self, name) < 0:
                 raise SettingsError(f"{name} must be >= 0, got {getattr(self, name)}")
+        for name in ("queue_target_s", "queue_interval_s"):
+            if not 0 <= getattr(self, name) <= 60:
+                raise SettingsError(f"{name} must be in [0, 60], got {getattr(self, name)}")
         if bool(self.tls_cert) != bool(self.tls_key):
             raise SettingsError("tls_cert and tls_key must be set together")
         if self.tls_client_ca and not self.tls_cert:
