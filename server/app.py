@@ -228,7 +228,7 @@ async def start(settings: Settings, metrics: Metrics | None = None) -> Running:
         ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
         ("grpc.so_reuseport", 1 if settings.reuse_port else 0),
     ]
-    admission = AdmissionInterceptor(settings.max_in_flight, metrics)
+    admission = AdmissionInterceptor.from_settings(settings, metrics)
     budget = BudgetPolicy(settings.request_budget_s, settings.fallback_below_s)
     interceptors = [MetricsInterceptor(metrics), *edge, admission, DecodeInterceptor()]
     server = grpc.aio.server(interceptors=interceptors, options=options)
