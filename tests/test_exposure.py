@@ -186,3 +186,17 @@ def test_redis_exposures_are_bounded_ttld_and_forgotten(
         assert kept <= 2 * EXPOSURE_ITEMS and after == 0
     finally:
         redis.stop()
+
+
+@pytest.mark.parametrize("value", [-1, 1.5, True, "3"])
+def test_strategy_file_rejects_a_bad_exposure_cap(value: object) -> None:
+    from server.domain.strategy import StrategyConfigError, defaults_raw, parse
+
+    with pytest.raises(StrategyConfigError, match=r"strategy\.home\.exposure_cap"):
+        parse({"strategy": {"home": {"exposure_cap": value}}}, defaults_raw())
+    assert (
+        parse({"strategy": {"home": {"exposure_cap": 0}}}, defaults_raw())
+        .strategies["home"]
+        .exposure_cap
+        == 0
+    )
