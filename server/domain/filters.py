@@ -303,9 +303,11 @@ class FilterIndex:
         if category is not None:
             self.category_col[row] = category[1]
             old, new = category
+            # Index rows and word together: category_bits[ancestors] alone is a copy.
+            mask = U64(1) << U64(row & 63)
             if old >= 0:
-                _set(self.category_bits[self.ancestors(old)], row, False)
-            _set(self.category_bits[self.ancestors(new)], row, True)
+                self.category_bits[self.ancestors(old), row >> 6] &= ~mask
+            self.category_bits[self.ancestors(new), row >> 6] |= mask
         if brand is not None:
             old, new = brand
             # A moved row changes both brands' bitmaps (and brand_moved, read by all).
