@@ -6,7 +6,7 @@ import numpy as np
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from server.domain.catalog import IdIndex
+from server.domain.catalog import IdIndex, compact_ids
 
 _ID = st.text(st.characters(min_codepoint=33, max_codepoint=0x2FF), min_size=1, max_size=12)
 
@@ -16,9 +16,15 @@ _ID = st.text(st.characters(min_codepoint=33, max_codepoint=0x2FF), min_size=1, 
     ids=st.lists(_ID, min_size=1, max_size=60, unique=True),
     probes=st.lists(_ID, max_size=30),
     small=st.sampled_from([0, 1_000]),
+    compact=st.booleans(),
 )
-def test_lookup_matches_a_dict(ids: list[str], probes: list[str], small: int) -> None:
-    index = IdIndex(np.asarray(ids), small=small)
+def test_lookup_matches_a_dict(
+    ids: list[str], probes: list[str], small: int, compact: bool
+) -> None:
+    array = compact_ids(np.asarray(ids)) if compact else np.asarray(ids)
+    if compact and all(i.isascii() for i in ids):
+        assert array.dtype.kind == "S"
+    index = IdIndex(array, small=small)
     truth = {v: i for i, v in enumerate(ids)}
     queries = ids[::-1] + probes + [ids[0] + "x", ids[-1][:-1] or "?"]
     assert index.lookup(queries).tolist() == [truth.get(q, -1) for q in queries]

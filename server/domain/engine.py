@@ -12,7 +12,7 @@ import numpy.typing as npt
 
 from server.artifact import Artifact
 from server.domain import placement
-from server.domain.catalog import Catalog, IdIndex, ItemUpdate, Rejected
+from server.domain.catalog import Catalog, IdIndex, ItemUpdate, Rejected, release
 from server.domain.errors import UnknownItems
 from server.domain.filters import Compiled
 from server.domain.query import (
@@ -118,6 +118,9 @@ class Engine:
             artifact["segment_top_items"],
             tuning or SearchTuning(),
         )
+        # Columns copied above: drop their mapped pages from this process (~25 MB at 1M).
+        for name in _COPIED_AT_LOAD:
+            release(artifact[name])
 
     # Query side.
     def country_row(self, country: str) -> int:
@@ -434,3 +437,7 @@ class Engine:
 
 
 _DEVICE_NAMES = ("*", "mobile", "tablet", "desktop")
+_COPIED_AT_LOAD = (
+    "item_category", "item_brand", "item_price", "item_in_stock", "item_country_bits",
+    "item_popularity",
+)  # fmt: skip
