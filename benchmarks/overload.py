@@ -1,15 +1,19 @@
 """Overload: drive `endcap serve` at ~3x its sustainable load on loopback, show it degrades.
 
     python -m benchmarks.overload [--artifacts DIR] [--factor 3] [--duration-s 15]
-                                  [--max-in-flight 64] [--redis-url redis://127.0.0.1:6379/0]
+                                  [--max-in-flight 64] [--queue-target-ms 20]
+                                  [--redis-url redis://127.0.0.1:6379/0]
 
 Starts the server as a process of its own, then runs, each for --duration-s:
 
-1. capacity: closed loop (callers waiting for each answer): answers per second;
+1. capacity: closed loop (callers waiting for each answer) on a server that never
+   sheds (ENDCAP_QUEUE_TARGET_S=0): answers per second;
+then, on a fresh server with --queue-target-ms (the default shedding):
 2. unloaded: open loop at a quarter of capacity: the baseline p50/p99;
-3. overload: open loop at --factor x capacity: p50/p99 of admitted calls, the
+3. nominal: open loop at capacity: what shedding costs when there is no overload;
+4. overload: open loop at --factor x capacity: p50/p99 of admitted calls, the
    shed rate (RESOURCE_EXHAUSTED), anything else that failed, the server's RSS;
-4. recovery: unloaded again, then health and one normal call.
+5. recovery: unloaded again, then health.
 
 Open-loop latency counts from each call's intended send time, so a slow server
 cannot hide its tail by slowing the sender; the sender's own lag is reported.
@@ -27,6 +31,7 @@ import json
 import multiprocessing
 import os
 import platform
+import shutil
 import signal
 import socket
 import subprocess
@@ -63,9 +68,10 @@ class Phase:
     rss_peak_mb: float
 
 
-def _requests(artifacts: Path, n: int = 512) -> list[tuple[str, bytes]]:
+def _requests(artifacts: Path, mix: str = "light", n: int = 512) -> list[tuple[str, bytes]]:
     """A mix: known shoppers' Recommend (personal: search), new visitors (popularity),
-    SimilarItems (search), all with filters."""
+    SimilarItems (search), all with filters. "heavy" makes every other call a Rerank of
+    300 candidates, so capacity is low enough for one load CPU to offer 3x of it."""
     from endcap.v1 import recommender_pb2 as pb
     from server.artifact import load_artifact
 
@@ -76,6 +82,14 @@ def _requests(artifacts: Path, n: int = 512) -> list[tuple[str, bytes]]:
     out: list[tuple[str, bytes]] = []
     for i in range(n):
         ctx = pb.RequestContext(country="DE", currency="EUR")
+        if mix == "heavy" and i % 2:
+            ctx.user_id = users[int(rng.integers(len(users)))]
+            picked = rng.choice(len(items), size=300, replace=False)
+            rerank = pb.RerankRequest(
+                context=ctx, candidate_item_ids=[items[int(j)] for j in picked], num_results=20
+            )
+            out.append(("Rerank", rerank.SerializeToString()))
+            continue
         ctx.device = pb.RequestContext.Device.ValueType(1 + i % 3)
         flt = pb.Filters(max_price=float(rng.choice([30, 100, 1000])))
         if i % 10 < 6:
@@ -161,6 +175,26 @@ def _worker(args: tuple[Any, ...]) -> tuple[list[float], list[str], float, int]:
     return asyncio.run(_load(*args))
 
 
+def _pin(cpus: set[int]) -> None:
+    """Keep this process (and the threads it starts) on `cpus`; no-op where unsupported."""
+    if cpus and hasattr(os, "sched_setaffinity"):
+        os.sched_setaffinity(0, cpus)
+
+
+def _cpu_split(spec: str) -> tuple[set[int], set[int]]:
+    """(server cpus, client cpus): "auto" gives the server CPU 0 and the load the rest, so
+    the load generator cannot take the server's CPU as it offers more; "" = no pinning."""
+    if not spec or not hasattr(os, "sched_getaffinity"):
+        return set(), set()
+    available = sorted(os.sched_getaffinity(0))
+    if spec == "auto":
+        if len(available) < 2:
+            return set(), set()
+        return {available[0]}, set(available[1:])
+    server, _, client = spec.partition(":")
+    return {int(c) for c in server.split(",")}, {int(c) for c in client.split(",")}
+
+
 # The server process.
 def _free_port() -> int:
     with socket.socket() as s:
@@ -230,87 +264,123 @@ def _train(out: Path) -> Path:
     return train_and_export(out, store, TrainConfig(dim=32, epochs=1, seed=1), progress=False)
 
 
-def run(args: argparse.Namespace) -> dict[str, Any]:
-    tmp = Path(tempfile.mkdtemp(prefix="endcap-overload-"))
-    artifacts = args.artifacts or _train(tmp / "artifacts")
-    requests = _requests(artifacts)
+def _start_server(
+    artifacts: Path, args: argparse.Namespace, log: Path, queue_target_s: float, cpus: set[int]
+) -> tuple[subprocess.Popen[bytes], str]:
     port = _free_port()
-    target = f"127.0.0.1:{port}"
     env = os.environ | {
         "ENDCAP_MAX_IN_FLIGHT": str(args.max_in_flight),
+        "ENDCAP_QUEUE_TARGET_S": str(queue_target_s),
         "ENDCAP_LOG_LEVEL": "WARNING",
     }
     if args.redis_url:  # shared state: handlers wait on Redis, so calls overlap
         env |= {"ENDCAP_STATE_BACKEND": "redis", "ENDCAP_REDIS_URL": args.redis_url}
     cmd = [sys.executable, "-m", "endcap.cli", "serve", "--artifacts", str(artifacts)]
     cmd += ["--host", "127.0.0.1", "--port", str(port), "--metrics-port", "0"]
-    log = (tmp / "server.log").open("w")
-    server = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+    if cpus and shutil.which("taskset"):
+        cmd = ["taskset", "-c", ",".join(map(str, sorted(cpus))), *cmd]
+    with log.open("w") as out:
+        server = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
+    target = f"127.0.0.1:{port}"
+    if not _serving(target):
+        _stop(server)
+        raise SystemExit(f"server did not start; see {log}")
+    return server, target
+
+
+def _stop(server: subprocess.Popen[bytes]) -> int:
+    server.send_signal(signal.SIGTERM)
+    try:
+        return server.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        server.kill()
+        return server.wait()
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    tmp = Path(tempfile.mkdtemp(prefix="endcap-overload-"))
+    artifacts = args.artifacts or _train(tmp / "artifacts")
+    requests = _requests(artifacts, args.mix)
     ctx = multiprocessing.get_context("spawn")
     phases: list[Phase] = []
-    try:
-        if not _serving(target):
-            raise SystemExit(f"server did not start; see {log.name}")
-        rss_idle = _rss_mb(server.pid)
-        with ctx.Pool(args.workers) as pool:
+    server_cpus, client_cpus = _cpu_split(args.cpus)
+    with ctx.Pool(args.workers, initializer=_pin, initargs=(client_cpus,)) as pool:
 
-            def phase(name: str, mode: str, rate: float, duration_s: float) -> Phase:
-                per = (target, requests, mode, rate / args.workers, args.callers, duration_s)
-                with RssSampler(server.pid) as rss:
-                    results = pool.map(_worker, [(*per, args.deadline_ms / 1000)] * args.workers)
-                lat = np.concatenate([np.asarray(r[0]) for r in results]) * 1000
-                codes = np.concatenate([np.asarray(r[1]) for r in results])
-                sent = sum(r[3] for r in results)
-                ok = lat[codes == "OK"] if lat.size else lat
-                counts = Counter(codes.tolist())
-                pct = np.percentile(ok, [50, 99, 99.9]) if ok.size else np.zeros(3)
-                p = Phase(
-                    name=name,
-                    mode=mode,
-                    offered_qps=round(rate, 1),
-                    sent=sent,
-                    sent_qps=round(sent / duration_s, 1),
-                    codes=dict(counts),
-                    ok_qps=round(counts.get("OK", 0) / duration_s, 1),
-                    p50_ms=round(float(pct[0]), 3),
-                    p99_ms=round(float(pct[1]), 3),
-                    p999_ms=round(float(pct[2]), 3),
-                    max_send_lag_ms=round(max(r[2] for r in results) * 1000, 3),
-                    shed_rate=round(counts.get("RESOURCE_EXHAUSTED", 0) / max(sent, 1), 4),
-                    rss_peak_mb=round(rss.peak, 1),
-                )
+        def phase(
+            server: subprocess.Popen[bytes], target: str, name: str, mode: str, rate: float
+        ) -> Phase:
+            duration_s = 2.0 if name == "warmup" else args.duration_s
+            per = (target, requests, mode, rate / args.workers, args.callers, duration_s)
+            with RssSampler(server.pid) as rss:
+                results = pool.map(_worker, [(*per, args.deadline_ms / 1000)] * args.workers)
+            lat = np.concatenate([np.asarray(r[0]) for r in results]) * 1000
+            codes = np.concatenate([np.asarray(r[1]) for r in results])
+            sent = sum(r[3] for r in results)
+            ok = lat[codes == "OK"] if lat.size else lat
+            counts = Counter(codes.tolist())
+            pct = np.percentile(ok, [50, 99, 99.9]) if ok.size else np.zeros(3)
+            p = Phase(
+                name=name,
+                mode=mode,
+                offered_qps=round(rate, 1),
+                sent=sent,
+                sent_qps=round(sent / duration_s, 1),
+                codes=dict(counts),
+                ok_qps=round(counts.get("OK", 0) / duration_s, 1),
+                p50_ms=round(float(pct[0]), 3),
+                p99_ms=round(float(pct[1]), 3),
+                p999_ms=round(float(pct[2]), 3),
+                max_send_lag_ms=round(max(r[2] for r in results) * 1000, 3),
+                shed_rate=round(counts.get("RESOURCE_EXHAUSTED", 0) / max(sent, 1), 4),
+                rss_peak_mb=round(rss.peak, 1),
+            )
+            if name != "warmup":
                 phases.append(p)
-                _print(p)
-                return p
+            _print(p)
+            return p
 
-            phase("warmup", "closed", 0, 2.0)
-            capacity = phase("capacity", "closed", 0, args.duration_s).ok_qps
-            phase("unloaded", "open", capacity / 4, args.duration_s)
-            phase("overload", "open", capacity * args.factor, args.duration_s)
-            phase("recovery", "open", capacity / 4, args.duration_s)
-        alive = server.poll() is None and _serving(target, 10)
-        rss_after = _rss_mb(server.pid)
-    finally:
-        server.send_signal(signal.SIGTERM)
+        # Capacity, on a server that never sheds: the most it can answer.
+        server, target = _start_server(artifacts, args, tmp / "capacity.log", 0.0, server_cpus)
         try:
-            exit_code = server.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            server.kill()
-            exit_code = server.wait()
-        log.close()
+            phase(server, target, "warmup", "closed", 0)
+            capacity = phase(server, target, "capacity", "closed", 0).ok_qps
+        finally:
+            _stop(server)
+        # Everything else on a server with the shedding under test.
+        server, target = _start_server(
+            artifacts, args, tmp / "server.log", args.queue_target_ms / 1000, server_cpus
+        )
+        try:
+            rss_idle = _rss_mb(server.pid)
+            phase(server, target, "warmup", "open", capacity / 4)
+            phase(server, target, "unloaded", "open", capacity / 4)
+            phase(server, target, "nominal", "open", capacity)
+            phase(server, target, "overload", "open", capacity * args.factor)
+            phase(server, target, "recovery", "open", capacity / 4)
+            alive = server.poll() is None and _serving(target, 10)
+            rss_after = _rss_mb(server.pid)
+        finally:
+            exit_code = _stop(server)
     by = {p.name: p for p in phases}
     summary = {
         "server_stayed_up": alive,
         "clean_exit_on_sigterm": exit_code == 0,
         "capacity_qps": by["capacity"].ok_qps,
         "overload_offered_qps": by["overload"].offered_qps,
+        "unloaded_p50_ms": by["unloaded"].p50_ms,
         "unloaded_p99_ms": by["unloaded"].p99_ms,
+        "nominal_ok_qps": by["nominal"].ok_qps,
+        "nominal_p99_ms": by["nominal"].p99_ms,
+        "nominal_shed_rate": by["nominal"].shed_rate,
+        "overload_ok_qps": by["overload"].ok_qps,
+        "overload_admitted_p50_ms": by["overload"].p50_ms,
         "overload_admitted_p99_ms": by["overload"].p99_ms,
         "overload_shed_rate": by["overload"].shed_rate,
         "overload_other_errors": sum(
             n for c, n in by["overload"].codes.items() if c not in ("OK", "RESOURCE_EXHAUSTED")
         ),
         "recovery_p99_ms": by["recovery"].p99_ms,
+        "recovery_shed_rate": by["recovery"].shed_rate,
         "rss_idle_mb": round(rss_idle, 1),
         "rss_peak_mb": max(p.rss_peak_mb for p in phases),
         "rss_after_mb": round(rss_after, 1),
@@ -349,6 +419,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--callers", type=int, default=8, help="closed loop callers per worker")
     parser.add_argument("--deadline-ms", type=float, default=250.0, help="per-call deadline")
     parser.add_argument("--max-in-flight", type=int, default=64, help="ENDCAP_MAX_IN_FLIGHT")
+    parser.add_argument(
+        "--queue-target-ms", type=float, default=20.0, help="ENDCAP_QUEUE_TARGET_S x 1000 (0 = off)"
+    )
+    parser.add_argument("--mix", choices=("light", "heavy"), default="light", help="see _requests")
+    parser.add_argument(
+        "--cpus",
+        default="auto",
+        help='server:client CPU lists ("0:1"), "auto" (server on the first CPU), "" (none)',
+    )
     parser.add_argument("--redis-url", help="serve with ENDCAP_STATE_BACKEND=redis at this URL")
     parser.add_argument("--json", type=Path, help="write the results here")
     args = parser.parse_args(argv)
