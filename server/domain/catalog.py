@@ -103,8 +103,16 @@ class IdIndex:
         if self._small is not None:
             row = self._small.get(one)
             return self._live.get(one) if row is None else row
-        row = int(self.lookup([one])[0])
-        return None if row < 0 else row
+        # One id (UpsertItems, events): scalar steps, not lookup()'s ~10 array calls.
+        key: Any = one.encode() if self._bytes else one
+        h = hash(key)
+        pos = int(self._hashes.searchsorted(h))
+        while pos < self._n and int(self._hashes[pos]) == h:
+            row = int(self._order[pos])
+            if self._ids[row] == key:
+                return row
+            pos += 1
+        return self._live.get(one)
 
     def add(self, item_id: str, row: int) -> None:
         self._live[item_id] = row

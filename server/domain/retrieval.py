@@ -156,7 +156,11 @@ class Retriever:
         # Catalog bestsellers, best first; ties to the smaller index. Live rows
         # have no history: they rank after every trained item.
         n = vectors.n_base
-        self.popular_order = np.lexsort((np.arange(n), -np.asarray(popularity))).astype(np.int64)
+        order = np.lexsort((np.arange(n), -np.asarray(popularity))).astype(np.int64)
+        # Room for live rows after the trained ones: appending must not copy the array.
+        self._popular_buf = np.empty(n + vectors.live.shape[0], dtype=np.int64)
+        self._popular_buf[:n] = order
+        self.popular_order = self._popular_buf[:n]
         self.popular_rank = np.full(vectors.live.shape[0] + n, n, dtype=np.int64)
         self.popular_rank[self.popular_order] = np.arange(n)
         self.n_index = int(index.ntotal)  # rows the index holds; later rows are live
@@ -182,7 +186,9 @@ class Retriever:
             raise RuntimeError(f"live rows start at {int(rows[0])}, expected {self.vectors.n}")
         for row, vec in zip(rows.tolist(), vectors, strict=True):
             self.vectors.set_live(row, vec)
-        self.popular_order = np.concatenate([self.popular_order, rows])
+        end = self.popular_order.shape[0] + rows.shape[0]
+        self._popular_buf[self.popular_order.shape[0] : end] = rows
+        self.popular_order = self._popular_buf[:end]
 
     # Personalised and item-to-item search.
     def search(self, query: npt.NDArray[np.float32], flt: Compiled, k: int) -> Results:
