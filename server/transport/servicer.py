@@ -46,10 +46,13 @@ log = logging.getLogger(__name__)
 Ctx = grpc.aio.ServicerContext[object, object]
 MAX_LISTED_REJECTIONS = 1000
 # Live catalog changes share the event loop with requests: apply UPSERT_CHUNK items
-# at a time for up to UPSERT_SLICE_S, then step aside for UPSERT_PAUSE_S.
+# at a time for up to UPSERT_SLICE_S, then step aside for UPSERT_PAUSE_S, and on
+# while reads are in flight (up to UPSERT_MAX_WAIT_S, so a batch always progresses).
 UPSERT_CHUNK = 16
 UPSERT_SLICE_S = 0.002
 UPSERT_PAUSE_S = 0.002
+UPSERT_MAX_WAIT_S = 0.02
+_READS = frozenset({"Recommend", "Rerank", "SimilarItems", "Popular", "RecentlyViewed"})
 _ADD_TO_CART, _PURCHASE = pb.Event.ADD_TO_CART, pb.Event.PURCHASE
 
 
@@ -119,8 +122,12 @@ Handler = Callable[[Any, Req, Ctx], Awaitable[Resp]]
 def _guarded(handler: Handler[Req, Resp]) -> Handler[Req, Resp]:
     """Map domain and validation errors to a status; let anything else be INTERNAL."""
 
+    read = handler.__name__ in _READS
+
     @functools.wraps(handler)
     async def guarded(self: Any, request: Req, context: Ctx) -> Resp:
+        if read:
+            self._reads += 1
         try:
             return await handler(self, request, context)
         except Exception as exc:
@@ -129,6 +136,9 @@ def _guarded(handler: Handler[Req, Resp]) -> Handler[Req, Resp]:
                 raise
             await context.abort_with_status(status)
             raise AssertionError("abort_with_status returned") from exc
+        finally:
+            if read:
+                self._reads -= 1
 
     return guarded
 
@@ -155,6 +165,10 @@ class RecommenderServicer(pb_grpc.RecommenderServicer):
         self._events = events
         self._reload = reload
         self._budget = budget or BudgetPolicy()
+        self._reads = 0  # read calls in flight; catalog batches yield to them
+        # Metric children resolved once: labels() takes a lock and builds a key per call.
+        self._by_plan: dict[str, Any] = {}
+        self._served = {p: metrics.items_served.labels(n) for p, n in _PROVENANCE_LABELS.items()}
 
     def _fallback(
         self,
@@ -202,7 +216,12 @@ class RecommenderServicer(pb_grpc.RecommenderServicer):
     def _run(self, engine: Engine, run: Callable[[], Answer]) -> Answer:
         start = time.perf_counter()
         answer = run()
-        self._metrics.retrieval.labels(answer.results.plan).observe(time.perf_counter() - start)
+        elapsed = time.perf_counter() - start
+        plan = answer.results.plan
+        child = self._by_plan.get(plan)
+        if child is None:
+            child = self._by_plan[plan] = self._metrics.retrieval.labels(plan)
+        child.observe(elapsed)
         return answer
 
     async def _profile(self, ctx: Context) -> Profile:
@@ -243,7 +262,7 @@ class RecommenderServicer(pb_grpc.RecommenderServicer):
         for prov in res.provenance.tolist():
             counts[prov] = counts.get(prov, 0) + 1
         for prov, n in counts.items():
-            self._metrics.items_served.labels(_PROVENANCE_LABELS[prov]).inc(n)
+            self._served[prov].inc(n)
         return out
 
     # Reads.
@@ -444,7 +463,7 @@ class RecommenderServicer(pb_grpc.RecommenderServicer):
             bad = {r.index for r in bad_chunk}
             self._holder.journal.extend(("upsert", it) for i, it in chunk if i not in bad)
             if start < len(upserts) and time.perf_counter() - slice_start >= UPSERT_SLICE_S:
-                await asyncio.sleep(UPSERT_PAUSE_S)
+                await self._step_aside()
                 slice_start = time.perf_counter()
         if deletes:
             deleted, unknown = engine.delete(deletes)
@@ -453,6 +472,13 @@ class RecommenderServicer(pb_grpc.RecommenderServicer):
             self._holder.journal.extend(("delete", i) for i in deletes)
         self._metrics.catalog_items.set(len(engine.catalog))
         return result
+
+    async def _step_aside(self) -> None:
+        """Pause a catalog batch so reads go first (at most UPSERT_MAX_WAIT_S)."""
+        waited = 0.0
+        while waited < UPSERT_PAUSE_S or (self._reads and waited < UPSERT_MAX_WAIT_S):
+            await asyncio.sleep(UPSERT_PAUSE_S)
+            waited += UPSERT_PAUSE_S
 
     async def _change_catalog(self, changes: Sequence[Change]) -> CatalogResult:
         """Through the shared feed when replicas share one (every replica applies it in
