@@ -434,42 +434,45 @@ def _reasons(
     where = _COUNTRY_NAMES.get(country, country) if country else ""
     seed = plan.seeds[0] if plan.seeds else ""
     recent = profile.recent[0][0] if profile.recent else ""
-    reasons, refs = [], []
     st = plan.strategy.name
-    for name, p in zip(names, prov.tolist(), strict=True):
-        if name == "pinned":
-            reasons.append("Featured")
-            refs.append("")
-        elif name == "content_similar" and "cheaper" in st:
-            reasons.append(f"A cheaper alternative to {seed}")
-            refs.append(seed)
-        elif name == "content_similar" and "upsell" in st:
-            reasons.append(f"An upgrade from {seed}")
-            refs.append(seed)
-        elif name == "content_similar":
-            reasons.append(f"Similar to {seed}")
-            refs.append(seed)
-        elif name == "also_bought":
-            reasons.append(f"Often bought with {seed}")
-            refs.append(seed)
-        elif name == "trending":
-            reasons.append(f"Trending in {where}" if where else "Trending now")
-            refs.append("")
-        elif name == "segment_bestsellers" or p in (
-            Provenance.SEGMENT_POPULARITY,
-            Provenance.GLOBAL_POPULARITY,
-        ):
-            if where:
-                reasons.append(f"Popular in {where}")
-            elif device:
-                reasons.append(f"Popular on {('', 'mobile', 'tablet', 'desktop')[device]}")
-            else:
-                reasons.append("Bestseller")
-            refs.append("")
-        elif recent:
-            reasons.append(f"Because you viewed {recent}")
-            refs.append(recent)
-        else:
-            reasons.append("Picked for you")
-            refs.append("")
+    # A reason depends only on (retriever, provenance) within a request: decide each
+    # pair once (a list has one or a few), not once per item.
+    decided: dict[tuple[str, int], tuple[str, str]] = {}
+    reasons, refs = [], []
+    for key in zip(names, prov.tolist(), strict=True):
+        got = decided.get(key)
+        if got is None:
+            got = decided[key] = _reason(*key, st, seed, recent, where, device)
+        reasons.append(got[0])
+        refs.append(got[1])
     return tuple(reasons), tuple(refs)
+
+
+def _reason(
+    name: str, p: int, st: str, seed: str, recent: str, where: str, device: int
+) -> tuple[str, str]:
+    """(reason, reason item) of one retriever and provenance."""
+    if name == "pinned":
+        return "Featured", ""
+    if name == "content_similar" and "cheaper" in st:
+        return f"A cheaper alternative to {seed}", seed
+    if name == "content_similar" and "upsell" in st:
+        return f"An upgrade from {seed}", seed
+    if name == "content_similar":
+        return f"Similar to {seed}", seed
+    if name == "also_bought":
+        return f"Often bought with {seed}", seed
+    if name == "trending":
+        return (f"Trending in {where}" if where else "Trending now"), ""
+    if name == "segment_bestsellers" or p in (
+        Provenance.SEGMENT_POPULARITY,
+        Provenance.GLOBAL_POPULARITY,
+    ):
+        if where:
+            return f"Popular in {where}", ""
+        if device:
+            return f"Popular on {('', 'mobile', 'tablet', 'desktop')[device]}", ""
+        return "Bestseller", ""
+    if recent:
+        return f"Because you viewed {recent}", recent
+    return "Picked for you", ""
