@@ -294,7 +294,7 @@ def test_mobile_home_shows_more_bestsellers(
     user = str(trained.dataset.user_ids[4])
     popular = {pb.RecommendedItem.SEGMENT_POPULARITY, pb.RecommendedItem.GLOBAL_POPULARITY}
 
-    def share(device: int) -> int:
+    def share(device: C.Device.ValueType) -> int:
         reply = stub.Recommend(
             pb.RecommendRequest(
                 context=C(user_id=user, device=device, placement=C.HOME), num_results=20
@@ -308,9 +308,9 @@ def test_mobile_home_shows_more_bestsellers(
 def test_bad_strategy_and_seed(stub: pb_grpc.RecommenderStub) -> None:
     with pytest.raises(grpc.RpcError) as err:
         stub.Recommend(pb.RecommendRequest(strategy="no.such"))
-    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and err.value.details().startswith(
-        "strategy"
-    )
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and (
+        err.value.details() or ""
+    ).startswith("strategy")
     with pytest.raises(grpc.RpcError) as err:
         stub.Recommend(pb.RecommendRequest(seed_item_ids=["ghost"], strategy="product"))
     assert err.value.code() == grpc.StatusCode.NOT_FOUND
@@ -318,10 +318,10 @@ def test_bad_strategy_and_seed(stub: pb_grpc.RecommenderStub) -> None:
         stub.Recommend(
             pb.RecommendRequest(rules=pb.Rules(pins=[pb.Rules.Pin(item_id="x", position=0)]))
         )
-    assert err.value.details().startswith("rules.pins[0].position")
+    assert (err.value.details() or "").startswith("rules.pins[0].position")
     with pytest.raises(grpc.RpcError) as err:
         stub.Recommend(pb.RecommendRequest(diversity=pb.Diversity(level=2)))
-    assert err.value.details().startswith("diversity.level")
+    assert (err.value.details() or "").startswith("diversity.level")
 
 
 PLACEMENTS = [v for v in C.Placement.values()]
