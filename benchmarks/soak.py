@@ -114,12 +114,13 @@ def plan(root: Path, count: int, seed: int) -> list[tuple[str, bytes]]:
     engine = inproc.load(root, {})
     wl = Workload(engine, seed=seed)
     n = {m: max(1, round(count * share)) for m, share in MIX.items()}
-    served = {m: n[m] for m in ("Recommend", "Rerank", "SimilarItems")}
+    served = {m: float(n[m]) for m in ("Recommend", "Rerank", "SimilarItems")}
+    total = sum(n[m] for m in served)
     # Workload's mix draws fresh personas and filters for each request: 4,000 distinct
     # requests cycle, which is what a shop's traffic looks like to a cache-less server.
-    pool = wl.mixed(min(4000, sum(served.values())), served)
+    pool = wl.mixed(min(4000, total), served)
     calls: list[tuple[str, bytes]] = []
-    for i in range(sum(served.values())):
+    for i in range(total):
         p = pool[i % len(pool)]
         calls.append((p.method, p.payload))
     for i in range(n["Popular"]):
