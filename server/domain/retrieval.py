@@ -110,6 +110,7 @@ _NS_PER_LIST = 150.0
 _NS_PER_LISTED_ID = 3.5
 _NS_ANN_FIXED = 40_000.0
 _NS_PER_EXACT_ITEM = 20.0
+_MEMO_MAX_ENTRIES = 256  # bestseller lists kept per compiled filter (segment x k)
 # IVF-PQ scores are approximate: fetch this many times more, rescore exactly.
 _COMPRESSED_OVERFETCH = 4
 
@@ -340,7 +341,13 @@ class Retriever:
 
     # Cold start.
     def popular(self, segment: tuple[int, int], flt: Compiled, k: int) -> Results:
-        """Segment bestsellers passing `flt`, then catalog bestsellers; scores 1/(1+rank)."""
+        """Segment bestsellers passing `flt`, then catalog bestsellers; scores 1/(1+rank).
+        The arrays are read-only: requests with the same filters share them (any item
+        change drops the filter index's cache, and with it these)."""
+        key = ("popular", segment, k)
+        cached: Results | None = flt.memo.get(key)
+        if cached is not None:
+            return cached
         seg = self.segment_items[segment]
         seg = seg[seg >= 0].astype(np.int64)
         picked = seg[flt.passes(seg)][:k] if seg.size else seg
@@ -351,7 +358,12 @@ class Retriever:
         scores = (1.0 / (1.0 + np.arange(picked.shape[0]))).astype(np.float32)
         prov = np.full(picked.shape[0], Provenance.GLOBAL_POPULARITY, dtype=np.int8)
         prov[:n_seg] = Provenance.SEGMENT_POPULARITY
-        return Results(picked, scores, prov, "popularity")
+        for a in (picked, scores, prov):
+            a.flags.writeable = False
+        found = Results(picked, scores, prov, "popularity")
+        if len(flt.memo) < _MEMO_MAX_ENTRIES:
+            flt.memo[key] = found
+        return found
 
     def _popular_fill(
         self, flt: Compiled, k: int, already: npt.NDArray[np.int64]
