@@ -11,7 +11,9 @@ benchmarks/README.md). What does show the wait is the call's deadline, fixed
 when the call arrived: `QueueDelay` reads each call's queueing delay from it and
 refuses, CoDel-style, the calls that waited more than a target while a queue
 stands, before their request is parsed. The admitted calls are the ones that
-did not wait, so their latency stays near the unloaded one.
+did not wait. Calls that wait before gRPC reads them (in the client, in the
+socket) do not show, and a refusal is not free in gRPC Python, so well past
+capacity much of the excess still times out unseen (README, "Operating endcap").
 
 Handlers that wait (Redis, the event log's fsync, a reload) overlap; for them
 `max_in_flight` bounds the number in flight, and the memory they hold. A call
@@ -52,8 +54,8 @@ class QueueDelay:
     Like CoDel, a burst is not a queue: time is cut into `interval_s` windows, and
     the queue stands while most calls of the last window waited more than
     `target_s`. Then each call that waited more than `target_s` is refused (a
-    refusal costs a fraction of an answer, so gRPC's backlog drains), and calls
-    that did not wait are answered. Calls without a deadline are never refused
+    refusal costs less than an answer, so the backlog shrinks), and calls that
+    did not wait are answered. Calls without a deadline are never refused
     here.
     """
 
