@@ -228,12 +228,26 @@ class RecommenderServicer(pb_grpc.RecommenderServicer):
         key = shopper_key(ctx.user_id, ctx.session_id)
         return await self._store.profile(key) if key else Profile()
 
-    def _items(self, engine: Engine, answer: Answer) -> list[pb.RecommendedItem]:
+    def _items(self, engine: Engine, answer: Answer, out: Any) -> None:
+        """Render the results into `out`, a response's repeated RecommendedItem field
+        (adding in place: building messages and passing them copies each one)."""
         cat = engine.catalog
         res = answer.results
         ids = res.ids
-        out = [
-            pb.RecommendedItem(
+        add = out.add
+        for item_id, score, price, category, brand, stock, prov, reason, reason_item in zip(
+            cat.item_ids(ids),
+            res.scores.tolist(),
+            (cat.price[ids] * answer.rate).tolist(),
+            cat.category[ids].tolist(),
+            cat.brand[ids].tolist(),
+            cat.in_stock[ids].tolist(),
+            res.provenance.tolist(),
+            answer.reasons or ("",) * ids.shape[0],
+            answer.reason_items or ("",) * ids.shape[0],
+            strict=True,
+        ):
+            add(
                 item_id=item_id,
                 score=score,
                 price=price,
@@ -245,25 +259,11 @@ class RecommenderServicer(pb_grpc.RecommenderServicer):
                 reason=reason,
                 reason_item_id=reason_item,
             )
-            for item_id, score, price, category, brand, stock, prov, reason, reason_item in zip(
-                cat.item_ids(ids),
-                res.scores.tolist(),
-                (cat.price[ids] * answer.rate).tolist(),
-                cat.category[ids].tolist(),
-                cat.brand[ids].tolist(),
-                cat.in_stock[ids].tolist(),
-                res.provenance.tolist(),
-                answer.reasons or ("",) * ids.shape[0],
-                answer.reason_items or ("",) * ids.shape[0],
-                strict=True,
-            )
-        ]
         counts: dict[int, int] = {}
         for prov in res.provenance.tolist():
             counts[prov] = counts.get(prov, 0) + 1
         for prov, n in counts.items():
             self._served[prov].inc(n)
-        return out
 
     # Reads.
     @_guarded
@@ -289,8 +289,7 @@ class RecommenderServicer(pb_grpc.RecommenderServicer):
                 answer = self._run(
                     engine, lambda: engine.recommend(query, plan, profile, live, now, blend)
                 )
-        return pb.RecommendResponse(
-            items=self._items(engine, answer),
+        resp = pb.RecommendResponse(
             recommendation_id=experiments.recommendation_id(uuid.uuid4().hex, assignment),
             model_version=engine.model_version,
             currency=answer.currency,
@@ -299,6 +298,8 @@ class RecommenderServicer(pb_grpc.RecommenderServicer):
             shopper_segment=_SEGMENTS[answer.shopper_segment],
             **_variant_fields(assignment),
         )
+        self._items(engine, answer, resp.items)
+        return resp
 
     @_guarded
     async def Rerank(self, request: pb.RerankRequest, context: Ctx) -> pb.RerankResponse:
@@ -307,8 +308,7 @@ class RecommenderServicer(pb_grpc.RecommenderServicer):
         profile = await self._profile(query.context)
         now = time.time()
         answer = self._run(engine, lambda: engine.rerank(query, profile, now, blend))
-        return pb.RerankResponse(
-            items=self._items(engine, answer),
+        resp = pb.RerankResponse(
             unknown_item_ids=answer.unknown_ids,
             filtered_item_ids=answer.filtered_ids,
             recommendation_id=experiments.recommendation_id(uuid.uuid4().hex, assignment),
@@ -317,6 +317,8 @@ class RecommenderServicer(pb_grpc.RecommenderServicer):
             personalized=answer.personalized,
             **_variant_fields(assignment),
         )
+        self._items(engine, answer, resp.items)
+        return resp
 
     @_guarded
     async def SimilarItems(
@@ -328,13 +330,14 @@ class RecommenderServicer(pb_grpc.RecommenderServicer):
             answer = self._fallback("SimilarItems", engine, query, query.seeds)
         else:
             answer = self._run(engine, lambda: engine.similar(query))
-        return pb.SimilarItemsResponse(
-            items=self._items(engine, answer),
+        resp = pb.SimilarItemsResponse(
             recommendation_id=experiments.recommendation_id(uuid.uuid4().hex, assignment),
             model_version=engine.model_version,
             currency=answer.currency,
             **_variant_fields(assignment),
         )
+        self._items(engine, answer, resp.items)
+        return resp
 
     @_guarded
     async def Popular(self, request: pb.PopularRequest, context: Ctx) -> pb.PopularResponse:
@@ -345,13 +348,14 @@ class RecommenderServicer(pb_grpc.RecommenderServicer):
         if not self._budget.start(context).short():  # else trained counts only
             live = [item for item, _ in await self._store.top(segment, 4 * query.k, query.trending)]
         answer = self._run(engine, lambda: engine.popular(query, live))
-        return pb.PopularResponse(
-            items=self._items(engine, answer),
+        resp = pb.PopularResponse(
             recommendation_id=uuid.uuid4().hex,
             model_version=engine.model_version,
             currency=answer.currency,
             segment=answer.segment,
         )
+        self._items(engine, answer, resp.items)
+        return resp
 
     @_guarded
     async def RecentlyViewed(
@@ -361,11 +365,12 @@ class RecommenderServicer(pb_grpc.RecommenderServicer):
         engine = self._engine()
         profile = await self._profile(query.context)
         answer = self._run(engine, lambda: engine.recently_viewed(query, profile))
-        return pb.RecentlyViewedResponse(
-            items=self._items(engine, answer),
+        resp = pb.RecentlyViewedResponse(
             recommendation_id=uuid.uuid4().hex,
             currency=answer.currency,
         )
+        self._items(engine, answer, resp.items)
+        return resp
 
     # Events.
     async def _track(
