@@ -44,7 +44,9 @@ def test_a_burst_is_not_a_queue_and_fresh_calls_are_never_refused() -> None:
 def queueing(trained: TrainedStore) -> Iterator[ServerThread]:
     """A server that refuses calls queued over 1 ms once a queue stands for 10 ms."""
     thread = ServerThread(
-        make_settings(trained.artifacts, queue_target_s=0.001, queue_interval_s=0.01)
+        make_settings(
+            trained.artifacts, queue_target_s=0.001, queue_interval_s=0.01, max_in_flight=0
+        )
     )
     yield thread
     thread.close()
@@ -63,19 +65,31 @@ def test_a_saturated_server_sheds_queued_calls_and_stays_healthy(
         candidate_item_ids=items,
         num_results=50,
     )
+    view = pb.Event(
+        type=pb.Event.VIEW,
+        item_id=items[0],
+        context=pb.RequestContext(session_id="queued-shopper"),
+    )
     codes: set[grpc.StatusCode] = set()
+    event_codes: set[grpc.StatusCode] = set()
     with grpc.insecure_channel(queueing.target) as channel:
         stub = pb_grpc.RecommenderStub(channel)
         # Far more calls at once than the loop answers: gRPC queues them, and each
         # round stands long enough to be a queue. Bounded: at most 20 rounds.
         for _ in range(20):
-            futures = [stub.Rerank.future(heavy, timeout=60) for _ in range(200)]
-            for f in futures:
-                codes.add(f.code())
+            futures, events = [], []
+            for i in range(200):
+                futures.append(stub.Rerank.future(heavy, timeout=60))
+                if i % 10 == 0:  # events queue as long, but are never refused for it
+                    track = pb.TrackEventsRequest(events=[view])
+                    events.append(stub.TrackEvents.future(track, timeout=60))
+            codes |= {f.code() for f in futures}
+            event_codes |= {f.code() for f in events}
             if grpc.StatusCode.RESOURCE_EXHAUSTED in codes:
                 break
         assert grpc.StatusCode.RESOURCE_EXHAUSTED in codes
         assert codes <= {grpc.StatusCode.OK, grpc.StatusCode.RESOURCE_EXHAUSTED}
+        assert event_codes == {grpc.StatusCode.OK}
         assert shed() > before
         health = health_pb2_grpc.HealthStub(channel).Check(
             health_pb2.HealthCheckRequest(service="endcap.v1.Recommender"), timeout=10

@@ -32,7 +32,7 @@ import grpc
 
 from server.infra.metrics import Metrics
 from server.infra.settings import Settings
-from server.transport.auth import PROTECTED
+from server.transport.auth import METHOD_ROLES, PROTECTED
 from server.transport.handlers import Behavior, Handler, behavior_of, rebuild
 
 Ctx = grpc.aio.ServicerContext[Any, Any]
@@ -98,9 +98,10 @@ class QueueDelay:
 
 
 class AdmissionInterceptor(grpc.aio.ServerInterceptor):
-    """Refuses Recommender calls with RESOURCE_EXHAUSTED while gRPC's queue stands
-    (`queue_target_s`, 0 = never) or beyond `max_in_flight` (0 = no bound), and calls
-    whose deadline has passed with DEADLINE_EXCEEDED."""
+    """Refuses read calls (Recommend, Rerank, SimilarItems, Popular, RecentlyViewed)
+    with RESOURCE_EXHAUSTED while gRPC's queue stands (`queue_target_s`, 0 = never),
+    any Recommender call beyond `max_in_flight` (0 = no bound), and calls whose
+    deadline has passed with DEADLINE_EXCEEDED."""
 
     def __init__(
         self,
@@ -148,7 +149,10 @@ class AdmissionInterceptor(grpc.aio.ServerInterceptor):
         shed_late = self._metrics.shed.labels("deadline")
         queue_delay = self._metrics.queue_delay
         gauge = self._metrics.in_flight
-        queue = self.queue
+        # Only reads are refused for queueing: a page renders without them, while
+        # events and admin calls (a reload may be what ends the overload) are not
+        # worth losing to a busy minute.
+        queue = self.queue if METHOD_ROLES.get(method.rpartition("/")[2]) == "read" else None
 
         async def admitted(request: Any, context: Ctx) -> Any:
             remaining = context.time_remaining()
