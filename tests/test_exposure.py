@@ -38,7 +38,10 @@ def backend(
     if REDIS is None:
         pytest.skip("redis-server is not installed")
     redis = RedisServer(tmp_path_factory.mktemp("redis-exposure"))
-    settings = make_settings(trained.artifacts, state_backend="redis", redis_url=redis.url)
+    # A generous timeout: a loaded test box must not degrade a replica to local state.
+    settings = make_settings(
+        trained.artifacts, state_backend="redis", redis_url=redis.url, redis_timeout_s=2.0
+    )
     a, b = ServerThread(settings), ServerThread(settings)
     yield a, b
     a.close()
