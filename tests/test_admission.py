@@ -40,6 +40,18 @@ def test_a_burst_is_not_a_queue_and_fresh_calls_are_never_refused() -> None:
     assert not q.refuse(0.05, now=0.21)
 
 
+def test_a_few_calls_or_an_idle_interval_show_no_standing_queue() -> None:
+    few = QueueDelay(target_s=0.02, interval_s=0.1)
+    for t in range(4):  # every call waited, but four calls are not a queue
+        few.refuse(0.05, now=t / 40)
+    assert not few.refuse(0.05, now=0.10)
+    idle = QueueDelay(target_s=0.02, interval_s=0.1)
+    for t in range(10):
+        idle.refuse(0.05, now=t / 100)
+    # Nothing arrived for a whole interval: whatever queued before has drained.
+    assert not idle.refuse(0.05, now=0.25)
+
+
 @pytest.fixture(scope="module")
 def queueing(trained: TrainedStore) -> Iterator[ServerThread]:
     """A server that refuses calls queued over 1 ms once a queue stands for 10 ms."""

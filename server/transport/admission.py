@@ -38,6 +38,7 @@ from server.transport.handlers import Behavior, Handler, behavior_of, rebuild
 Ctx = grpc.aio.ServicerContext[Any, Any]
 
 MAX_REFS = 4096  # (connection, method) pairs whose freshest deadline is remembered
+MIN_CALLS = 8  # calls an interval needs before it can show a standing queue
 
 
 class QueueDelay:
@@ -52,8 +53,8 @@ class QueueDelay:
     remaining.
 
     Like CoDel, a burst is not a queue: time is cut into `interval_s` windows, and
-    the queue stands while most calls of the last window waited more than
-    `target_s`. Then each call that waited more than `target_s` is refused (a
+    the queue stands while most calls of the last window (at least MIN_CALLS,
+    and no idle window since) waited more than `target_s`. Then each call that waited more than `target_s` is refused (a
     refusal costs less than an answer, so the backlog shrinks), and calls that
     did not wait are answered. Calls without a deadline are never refused
     here.
@@ -87,7 +88,12 @@ class QueueDelay:
     def refuse(self, delay: float, now: float) -> bool:
         """Whether a call that queued `delay` seconds should be refused."""
         if now >= self._window_end:
-            self.dropping = self._above * 2 > self._calls
+            # A queue stands if most calls of the interval that just ended waited, and
+            # there were enough of them to call it a queue; an interval without calls
+            # in between means the queue emptied.
+            recent = now < self._window_end + self.interval_s
+            enough = self._calls >= MIN_CALLS
+            self.dropping = recent and enough and self._above * 2 > self._calls
             self._above = self._calls = 0
             self._window_end = now + self.interval_s
         self._calls += 1
