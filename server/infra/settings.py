@@ -51,7 +51,7 @@ class Settings:
     strategies: str = ""  # TOML placement strategies overriding the defaults; "" = defaults
     max_message_bytes: int = 4 * 1024 * 1024
     max_in_flight: int = 64  # admitted calls at once; beyond it RESOURCE_EXHAUSTED; 0 = no limit
-    queue_target_s: float = 0.02  # refuse calls queued longer while a queue stands; 0 = never
+    queue_target_s: float = 0.0  # >0: refuse reads queued longer while a queue stands (0.02)
     queue_interval_s: float = 0.1  # a queue stands when every call waited > target this long
     request_budget_s: float = 1.0  # server time per call (the client's deadline if sooner)
     fallback_below_s: float = 0.005  # less budget left: answer from segment popularity
