@@ -1,7 +1,8 @@
 """Soak: steady mixed load on `endcap serve` for minutes; are RSS and latency flat?
 
     python -m benchmarks.soak [--minutes 10] [--rate 100] [--items 10000]
-                              [--max-profiles 5000] [--json PATH] [--plot PATH]
+                              [--max-profiles 5000] [--queue-target-ms 20]
+                              [--json PATH] [--plot PATH]
 
 Starts the server on a synthetic catalog (benchmarks.catalog, cached) on
 loopback and drives an open-loop mix at --rate calls/s: Recommend, Rerank,
@@ -69,6 +70,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--items", type=int, default=10_000, help="catalog size")
     p.add_argument("--users", type=int, default=20_000, help="trained shoppers in the catalog")
     p.add_argument("--max-profiles", type=int, default=5_000, help="ENDCAP_MAX_PROFILES")
+    p.add_argument(
+        "--queue-target-ms", type=float, default=20.0, help="ENDCAP_QUEUE_TARGET_S x 1000 (0 = off)"
+    )
     p.add_argument("--warmup-minutes", type=float, default=1.0, help="left out of the verdict")
     p.add_argument("--sample-s", type=float, default=5.0, help="RSS sampling period")
     p.add_argument("--rss-tolerance-mb", type=float, default=10.0)
@@ -210,7 +214,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     minute_s = 60.0 * args.minutes / minutes
     per_minute = int(args.rate * minute_s)
     calls = plan(built.root, per_minute * minutes, args.seed)
-    env = {"ENDCAP_MAX_PROFILES": str(args.max_profiles), "ENDCAP_VERIFY_CHECKSUMS": "false"}
+    env = {
+        "ENDCAP_MAX_PROFILES": str(args.max_profiles),
+        "ENDCAP_QUEUE_TARGET_S": str(args.queue_target_ms / 1000),
+        "ENDCAP_VERIFY_CHECKSUMS": "false",
+    }
     server = start_endcap(built.root, env=env)
     client = LoadClient(1)
     rows: list[dict[str, Any]] = []
