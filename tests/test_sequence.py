@@ -171,7 +171,7 @@ def _set(raw: dict[str, Any], key: str, value: Any) -> None:
     raw["encoder"][key] = value
 
 
-CORRUPTIONS: dict[str, tuple[Callable[[Path], None], str, bool]] = {
+CORRUPTIONS: dict[str, tuple[Callable[[Path], object], str, bool]] = {
     # name: (mutation, expected message fragment, verify checksums)
     "bytes flipped": (
         lambda p: (p / ENCODER_FILE).write_bytes((p / ENCODER_FILE).read_bytes()[:-8] + b"\0" * 8),
