@@ -478,6 +478,20 @@ class RecommenderServicer(pb_grpc.RecommenderServicer):
         self._metrics.catalog_items.set(len(engine.catalog))
         return result
 
+    async def _validate_upserts(self, request: pb.UpsertItemsRequest) -> list[ItemUpdate]:
+        """Validate every item before any applies, in slices like the apply (10k items
+        take ~0.2 s of Python here)."""
+        validate.check_upsert_count(request)
+        seen: set[str] = set()
+        out: list[ItemUpdate] = []
+        slice_start = time.perf_counter()
+        for i, item in enumerate(request.items):
+            out.append(validate.upsert_item(item, i, seen))
+            if time.perf_counter() - slice_start >= UPSERT_SLICE_S:
+                await self._step_aside()
+                slice_start = time.perf_counter()
+        return out
+
     async def _step_aside(self) -> None:
         """Pause a catalog batch so reads go first (at most UPSERT_MAX_WAIT_S)."""
         waited = 0.0
@@ -500,8 +514,8 @@ class RecommenderServicer(pb_grpc.RecommenderServicer):
     async def UpsertItems(
         self, request: pb.UpsertItemsRequest, context: Ctx
     ) -> pb.UpsertItemsResponse:
-        items = validate.upsert_items(request)
-        result = await self._change_catalog([("upsert", item) for _, item in items])
+        items = await self._validate_upserts(request)
+        result = await self._change_catalog([("upsert", item) for item in items])
         return pb.UpsertItemsResponse(
             created=result.created,
             updated=result.updated,

@@ -357,52 +357,54 @@ def events(
 
 
 def upsert_items(msg: pb.UpsertItemsRequest) -> list[tuple[int, ItemUpdate]]:
+    check_upsert_count(msg)
+    seen: set[str] = set()
+    return [(i, upsert_item(item, i, seen)) for i, item in enumerate(msg.items)]
+
+
+def check_upsert_count(msg: pb.UpsertItemsRequest) -> None:
     if not 1 <= len(msg.items) <= MAX_UPSERT:
         raise InvalidRequest("items", f"must have 1 to {MAX_UPSERT} items, got {len(msg.items)}")
-    out = []
-    seen: set[str] = set()
-    for i, item in enumerate(msg.items):
-        field = f"items[{i}]"
-        if not item.item_id:
-            raise InvalidRequest(f"{field}.item_id", "must not be empty")
-        _text(f"{field}.item_id", item.item_id, MAX_ID_CHARS)
-        if item.item_id in seen:
-            raise InvalidRequest(f"{field}.item_id", f"duplicate id {item.item_id!r}")
-        seen.add(item.item_id)
-        if item.HasField("price") and (not math.isfinite(item.price) or item.price <= 0):
-            raise InvalidRequest(f"{field}.price", f"must be a finite number > 0, got {item.price}")
-        currency = item.currency.upper()
-        if currency and not (item.currency.isascii() and _CURRENCY.fullmatch(currency)):
-            raise InvalidRequest(
-                f"{field}.currency", f"must be an ISO 4217 code, got {_show(item.currency)}"
-            )
-        if len(item.countries) > MAX_COUNTRIES:
-            raise InvalidRequest(
-                f"{field}.countries",
-                f"must have at most {MAX_COUNTRIES} entries, got {len(item.countries)}",
-            )
-        countries = tuple(c.upper() for c in item.countries)
-        for j, c in enumerate(countries):
-            if not (c.isascii() and _COUNTRY.fullmatch(c)):
-                raise InvalidRequest(
-                    f"{field}.countries[{j}]",
-                    f"must be ISO 3166-1 alpha-2, got {_show(item.countries[j])}",
-                )
-        out.append(
-            (
-                i,
-                ItemUpdate(
-                    item_id=item.item_id,
-                    category=_text(f"{field}.category", item.category),
-                    brand=_text(f"{field}.brand", item.brand),
-                    price=item.price if item.HasField("price") else None,
-                    currency=currency,
-                    countries=countries,
-                    in_stock=item.in_stock if item.HasField("in_stock") else None,
-                ),
-            )
+
+
+def upsert_item(item: pb.CatalogItem, i: int, seen: set[str]) -> ItemUpdate:
+    """items[i] of an UpsertItemsRequest; `seen` collects the batch's ids (duplicates are
+    refused). A batch can be validated in slices this way, between event-loop turns."""
+    field = f"items[{i}]"
+    if not item.item_id:
+        raise InvalidRequest(f"{field}.item_id", "must not be empty")
+    _text(f"{field}.item_id", item.item_id, MAX_ID_CHARS)
+    if item.item_id in seen:
+        raise InvalidRequest(f"{field}.item_id", f"duplicate id {item.item_id!r}")
+    seen.add(item.item_id)
+    if item.HasField("price") and (not math.isfinite(item.price) or item.price <= 0):
+        raise InvalidRequest(f"{field}.price", f"must be a finite number > 0, got {item.price}")
+    currency = item.currency.upper()
+    if currency and not (item.currency.isascii() and _CURRENCY.fullmatch(currency)):
+        raise InvalidRequest(
+            f"{field}.currency", f"must be an ISO 4217 code, got {_show(item.currency)}"
         )
-    return out
+    if len(item.countries) > MAX_COUNTRIES:
+        raise InvalidRequest(
+            f"{field}.countries",
+            f"must have at most {MAX_COUNTRIES} entries, got {len(item.countries)}",
+        )
+    countries = tuple(c.upper() for c in item.countries)
+    for j, c in enumerate(countries):
+        if not (c.isascii() and _COUNTRY.fullmatch(c)):
+            raise InvalidRequest(
+                f"{field}.countries[{j}]",
+                f"must be ISO 3166-1 alpha-2, got {_show(item.countries[j])}",
+            )
+    return ItemUpdate(
+        item_id=item.item_id,
+        category=_text(f"{field}.category", item.category),
+        brand=_text(f"{field}.brand", item.brand),
+        price=item.price if item.HasField("price") else None,
+        currency=currency,
+        countries=countries,
+        in_stock=item.in_stock if item.HasField("in_stock") else None,
+    )
 
 
 def delete_items(msg: pb.DeleteItemsRequest) -> tuple[str, ...]:
