@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import sys
 import zlib
 from collections.abc import Sequence
 from pathlib import Path
@@ -38,7 +39,14 @@ import numpy.typing as npt
 
 from endcap.v1 import recommender_pb2 as pb
 from endcap.v1 import recommender_pb2_grpc as pb_grpc
-from server.artifact import OPTIONAL_SCHEMA, SCHEMA, Artifact, load_artifact, write_artifact
+from server.artifact import (
+    OPTIONAL_SCHEMA,
+    SCHEMA,
+    Artifact,
+    ArtifactError,
+    load_artifact,
+    write_artifact,
+)
 
 
 def shard_of(item_ids: Sequence[str] | npt.NDArray[np.str_], shards: int) -> npt.NDArray[np.int64]:
@@ -91,6 +99,14 @@ def split_artifact(src: Path, out: Path, shards: int) -> list[Path]:
         raise ValueError(f"shards must be >= 2, got {shards}")
     a = load_artifact(src, mmap=False)
     m = a.manifest
+    if m.encoder is not None:
+        # A sequence encoder reads the vectors of every item in a shopper's history,
+        # and a shard holds only its own items: its queries would be wrong, silently.
+        raise ValueError(
+            f"{a.path} has a {m.encoder['kind']} query encoder; its queries need every "
+            "item's vector, so it cannot be split by item (serve it unsharded, or shard "
+            "a two-tower artifact)"
+        )
     n = m.n_items
     assign = shard_of(np.asarray(a["item_ids"]), shards)
     users = _folded_users(a)
@@ -241,7 +257,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     split.add_argument("out", type=Path, help="output directory: out/shard-<i>/")
     split.add_argument("--shards", type=int, required=True)
     args = parser.parse_args(argv)
-    for path in split_artifact(args.src, args.out, args.shards):
+    try:
+        paths = split_artifact(args.src, args.out, args.shards)
+    except (ValueError, ArtifactError) as exc:
+        print(f"endcap.shard: {exc}", file=sys.stderr)
+        return 2
+    for path in paths:
         print(path)
     return 0
 

@@ -331,3 +331,15 @@ def test_served_evaluation_equals_the_offline_scorer(model: SequentialModel) -> 
     online = evaluate(served.score, split, "test", ks=(10,))
     for metric in ("recall@10", "ndcg@10", "hit@10"):
         assert online[metric] == pytest.approx(offline[metric])
+
+
+def test_an_artifact_with_an_encoder_is_not_split_by_item(
+    root: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from endcap import shard
+
+    with pytest.raises(ValueError, match="cannot be split by item"):
+        shard.split_artifact(root, tmp_path / "shards", 2)
+    assert shard.main(["split", str(root), str(tmp_path / "shards"), "--shards", "2"]) == 2
+    assert "query encoder" in capsys.readouterr().err
+    assert not (tmp_path / "shards").exists()
