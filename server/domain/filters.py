@@ -173,8 +173,8 @@ class Compiled:
         return est * (self.estimate / got) if got > 0 else est.copy()
 
 
-_MEMO_MAX_IDS = 32_768  # passing ids kept with a compiled filter (exact-scan sized)
-_COMPILED_CACHE_BYTES = 16 << 20  # compiled bitmaps kept for repeated filters
+_MEMO_MAX_IDS = 16_384  # passing ids kept with a compiled filter (exact-scan sized)
+_COMPILED_CACHE_BYTES = 8 << 20  # compiled bitmaps kept for repeated filters (64 at 1M)
 
 
 def _set(bits: npt.NDArray[np.uint64], row: int, on: bool) -> None:
