@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import time
 from collections import OrderedDict
-from collections.abc import Awaitable, Callable
 from typing import Any
 
 import grpc
@@ -33,7 +32,7 @@ import grpc
 from server.infra.metrics import Metrics
 from server.infra.settings import Settings
 from server.transport.auth import METHOD_ROLES, PROTECTED
-from server.transport.handlers import Behavior, Handler, behavior_of, rebuild
+from server.transport.handlers import Behavior, Handler, WrappingInterceptor, behavior_of, rebuild
 
 Ctx = grpc.aio.ServicerContext[Any, Any]
 
@@ -103,7 +102,7 @@ class QueueDelay:
         return self.dropping
 
 
-class AdmissionInterceptor(grpc.aio.ServerInterceptor):
+class AdmissionInterceptor(WrappingInterceptor):
     """Refuses read calls (Recommend, Rerank, SimilarItems, Popular, RecentlyViewed)
     with RESOURCE_EXHAUSTED while gRPC's queue stands (`queue_target_s`, 0 = never),
     any Recommender call beyond `max_in_flight` (0 = no bound), and calls whose
@@ -117,10 +116,10 @@ class AdmissionInterceptor(grpc.aio.ServerInterceptor):
         queue_target_s: float = 0.0,
         queue_interval_s: float = 0.1,
     ) -> None:
+        super().__init__()
         self.max_in_flight = max_in_flight
         self.in_flight = 0
         self._metrics = metrics
-        self._cache: dict[str, Handler] = {}
         self.queue = QueueDelay(queue_target_s, queue_interval_s) if queue_target_s > 0 else None
 
     @classmethod
@@ -132,22 +131,11 @@ class AdmissionInterceptor(grpc.aio.ServerInterceptor):
             queue_interval_s=settings.queue_interval_s,
         )
 
-    async def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[Handler | None]],
-        handler_call_details: grpc.HandlerCallDetails,
-    ) -> Handler | None:
-        method = handler_call_details.method
-        cached = self._cache.get(method)
-        if cached is not None:
-            return cached
-        handler = await continuation(handler_call_details)
+    def wrap(self, method: str, handler: Handler) -> Handler:
         service = method.lstrip("/").rpartition("/")[0]
-        if handler is None or service != PROTECTED or handler.response_streaming:
+        if service != PROTECTED or handler.response_streaming:
             return handler
-        wrapped = rebuild(handler, self._admit(method, behavior_of(handler)))
-        self._cache[method] = wrapped
-        return wrapped
+        return rebuild(handler, self._admit(method, behavior_of(handler)))
 
     def _admit(self, method: str, behavior: Behavior) -> Behavior:
         shed_busy = self._metrics.shed.labels("in_flight")

@@ -21,7 +21,7 @@ import inspect
 import ipaddress
 import logging
 import re
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,7 +29,7 @@ from typing import Any
 import grpc
 
 from server.infra.settings import Settings, SettingsError
-from server.transport.handlers import Behavior, Handler, behavior_of, rebuild
+from server.transport.handlers import Behavior, Handler, WrappingInterceptor, behavior_of, rebuild
 
 log = logging.getLogger(__name__)
 
@@ -140,30 +140,17 @@ def presented_key(metadata: Iterable[tuple[str, Any]] | None) -> str | None:
     return None
 
 
-class AuthInterceptor(grpc.aio.ServerInterceptor):
+class AuthInterceptor(WrappingInterceptor):
     """Checks the caller's key and role before a Recommender handler runs (and before its
-    request is parsed). Wrapped handlers are cached per method; the check runs per call."""
+    request is parsed); the check runs per call."""
 
     def __init__(self, keys: ApiKeys) -> None:
+        super().__init__()
         self._keys = keys
-        self._cache: dict[str, Handler] = {}
 
-    async def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[Handler | None]],
-        handler_call_details: grpc.HandlerCallDetails,
-    ) -> Handler | None:
-        method = handler_call_details.method
-        cached = self._cache.get(method)
-        if cached is not None:
-            return cached
-        handler = await continuation(handler_call_details)
+    def wrap(self, method: str, handler: Handler) -> Handler:
         role = required_role(method)
-        if handler is None or role is None:
-            return handler
-        wrapped = rebuild(handler, self._guard(role, method, handler))
-        self._cache[method] = wrapped
-        return wrapped
+        return handler if role is None else rebuild(handler, self._guard(role, method, handler))
 
     async def _check(self, role: str, method: str, context: Ctx) -> None:
         key = presented_key(context.invocation_metadata())

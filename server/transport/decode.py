@@ -8,45 +8,29 @@ string that is not UTF-8) gets INVALID_ARGUMENT like any other bad request.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import grpc
 from google.protobuf.message import DecodeError
 
-from server.transport.handlers import Behavior, Handler, behavior_of, rebuild
+from server.transport.handlers import Behavior, Handler, WrappingInterceptor, behavior_of, rebuild
 
 Ctx = grpc.aio.ServicerContext[Any, Any]
 
 
-class DecodeInterceptor(grpc.aio.ServerInterceptor):
+class DecodeInterceptor(WrappingInterceptor):
     """Parses requests of unary-response methods (every Recommender RPC) in the handler.
 
     Response-streaming methods (health Watch, reflection) keep grpc's own decoding.
-    Wrapped handlers are cached per method; unknown methods are not cached.
     """
 
-    def __init__(self) -> None:
-        self._cache: dict[str, Handler] = {}
-
-    async def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[Handler | None]],
-        handler_call_details: grpc.HandlerCallDetails,
-    ) -> Handler | None:
-        method = handler_call_details.method
-        cached = self._cache.get(method)
-        if cached is not None:
-            return cached
-        handler = await continuation(handler_call_details)
-        parse = None if handler is None else handler.request_deserializer
-        if handler is None or parse is None or handler.response_streaming:
+    def wrap(self, method: str, handler: Handler) -> Handler:
+        parse = handler.request_deserializer
+        if parse is None or handler.response_streaming:
             return handler
-        behavior = behavior_of(handler)
         wrap = _stream if handler.request_streaming else _unary
-        wrapped = rebuild(handler, wrap(parse, behavior), request_deserializer=None)
-        self._cache[method] = wrapped
-        return wrapped
+        return rebuild(handler, wrap(parse, behavior_of(handler)), request_deserializer=None)
 
 
 async def _decode(parse: Callable[[bytes], Any], raw: bytes, context: Ctx) -> Any:

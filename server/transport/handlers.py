@@ -1,8 +1,9 @@
-"""Rebuild a grpc method handler around a new behaviour, keeping its kind and codecs."""
+"""Server interceptors' shared parts: wrap each method's handler once, and rebuild a
+grpc method handler around a new behaviour, keeping its kind and codecs."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any, TypeAlias
 
 import grpc
@@ -44,3 +45,32 @@ def rebuild(
     if handler.response_streaming:
         return grpc.unary_stream_rpc_method_handler(behavior, deserializer, serializer)
     return grpc.unary_unary_rpc_method_handler(behavior, deserializer, serializer)
+
+
+class WrappingInterceptor(grpc.aio.ServerInterceptor):
+    """An interceptor that wraps each method's handler once (`wrap`) and caches the
+    result per method: building a wrapper per call would cost more than the call.
+    Unknown methods (no handler) are passed on and not cached."""
+
+    def __init__(self) -> None:
+        self._cache: dict[str, Handler] = {}
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[Handler | None]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> Handler | None:
+        method = handler_call_details.method
+        cached = self._cache.get(method)
+        if cached is not None:
+            return cached
+        handler = await continuation(handler_call_details)
+        if handler is None:
+            return None
+        wrapped = self.wrap(method, handler)
+        self._cache[method] = wrapped
+        return wrapped
+
+    def wrap(self, method: str, handler: Handler) -> Handler:
+        """The handler to serve `method` with (`handler` itself to leave it alone)."""
+        raise NotImplementedError

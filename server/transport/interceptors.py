@@ -3,49 +3,27 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Awaitable, Callable
 from typing import Any
 
 import grpc
 
 from server.infra.metrics import Metrics
+from server.transport.handlers import Behavior, Handler, WrappingInterceptor, rebuild
 
 
-class MetricsInterceptor(grpc.aio.ServerInterceptor):
-    """Times every unary call's handler and counts it by method and status code.
-
-    Wrapped handlers are cached per method: building one per call would cost
-    more than the recommendation itself.
-    """
+class MetricsInterceptor(WrappingInterceptor):
+    """Times every unary call's handler and counts it by method and status code."""
 
     def __init__(self, metrics: Metrics) -> None:
+        super().__init__()
         self._metrics = metrics
-        self._cache: dict[str, grpc.RpcMethodHandler] = {}
 
-    async def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
-        handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler:
-        method = handler_call_details.method
-        cached = self._cache.get(method)
-        if cached is not None:
-            return cached
-        handler = await continuation(handler_call_details)
-        if handler is None or handler.unary_unary is None:
+    def wrap(self, method: str, handler: Handler) -> Handler:
+        if handler.unary_unary is None:
             return handler
-        name = method.rsplit("/", 1)[-1]
-        wrapped = grpc.unary_unary_rpc_method_handler(
-            self._timed(name, handler.unary_unary),
-            request_deserializer=handler.request_deserializer,
-            response_serializer=handler.response_serializer,
-        )
-        self._cache[method] = wrapped
-        return wrapped
+        return rebuild(handler, self._timed(method.rsplit("/", 1)[-1], handler.unary_unary))
 
-    def _timed(
-        self, name: str, behavior: Callable[[Any, grpc.aio.ServicerContext[Any, Any]], Any]
-    ) -> Callable[[Any, grpc.aio.ServicerContext[Any, Any]], Awaitable[Any]]:
+    def _timed(self, name: str, behavior: Behavior) -> Behavior:
         handling = self._metrics.handling.labels(name)
         requests = self._metrics.requests
         ok = requests.labels(name, "OK")
