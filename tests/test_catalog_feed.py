@@ -15,7 +15,7 @@ from conftest import ServerThread, TrainedStore, make_settings
 from endcap.v1 import recommender_pb2 as pb
 from endcap.v1 import recommender_pb2_grpc as pb_grpc
 from server.domain.catalog import ItemUpdate
-from server.state.catalog_feed import decode, encode
+from server.state.catalog_feed import Change, decode, encode
 
 pytestmark = pytest.mark.skipif(REDIS is None, reason="redis-server is not installed")
 DE = pb.RequestContext(country="DE", currency="EUR")
@@ -55,7 +55,7 @@ def brand_items(s: pb_grpc.RecommenderStub, brand: str, ctx: pb.RequestContext =
 
 
 def test_changes_round_trip_through_the_wire_format() -> None:
-    changes = [
+    changes: list[Change] = [
         ("upsert", ItemUpdate("a", "Shoes", "X", 9.5, "EUR", ("DE", "FR"), None)),
         ("upsert", ItemUpdate("b", in_stock=False)),
         ("delete", "c"),

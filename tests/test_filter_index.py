@@ -26,7 +26,8 @@ def _index(category: list[int], capacity: int) -> FilterIndex:
 
 def _passing(fi: FilterIndex, category: int) -> list[int]:
     flt = fi.compile(FilterSpec(include_categories=(category,), in_stock_only=False))
-    return flt.passing_ids().tolist()
+    ids: list[int] = flt.passing_ids().tolist()
+    return ids
 
 
 def test_live_category_changes_reach_the_category_bitmaps() -> None:

@@ -79,7 +79,16 @@ def cases(draw: st.DrawFn, ds: Dataset) -> Case:
     ctx = pb.RequestContext(
         country=draw(st.sampled_from(countries)),
         currency=draw(st.sampled_from([*currencies, ""])),
-        device=draw(st.sampled_from([0, 1, 2, 3])),
+        device=draw(
+            st.sampled_from(
+                [
+                    pb.RequestContext.DEVICE_UNSPECIFIED,
+                    pb.RequestContext.MOBILE,
+                    pb.RequestContext.TABLET,
+                    pb.RequestContext.DESKTOP,
+                ]
+            )
+        ),
     )
     if draw(st.booleans()):
         ctx.user_id = str(ds.user_ids[draw(st.integers(0, ds.n_users - 1))])

@@ -45,7 +45,7 @@ def test_hash_collisions_are_resolved() -> None:
     import builtins
 
     original = builtins.hash
-    builtins.hash = lambda _x: 7  # type: ignore[assignment]
+    builtins.hash = lambda _x: 7
     try:
         got = index.lookup([*ids.tolist(), "nope"]).tolist()
     finally:

@@ -76,7 +76,7 @@ def test_empty_batch_is_invalid(rt: pb_grpc.RecommenderStub) -> None:
     with pytest.raises(grpc.RpcError) as err:
         rt.TrackEvents(pb.TrackEventsRequest())
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-    assert err.value.details().startswith("events")
+    assert (err.value.details() or "").startswith("events")
 
 
 def test_recently_viewed_newest_first(rt: pb_grpc.RecommenderStub, trained: TrainedStore) -> None:
@@ -301,16 +301,18 @@ def test_forget_user(
 def test_reload_keeps_live_changes_and_refuses_bad_versions(
     rt: pb_grpc.RecommenderStub, live: ServerThread
 ) -> None:
+    engine = live.running.holder.current
+    assert engine is not None
     rt.UpsertItems(
         pb.UpsertItemsRequest(
             items=[
                 pb.CatalogItem(
                     item_id="survives-reload",
-                    category=live.running.holder.current.catalog.category_names[0],
+                    category=engine.catalog.category_names[0],
                     price=5,
                     countries=["DE"],
                 )
-            ]  # type: ignore[union-attr]
+            ]
         )
     )
     version = rt.Recommend(pb.RecommendRequest()).model_version

@@ -128,7 +128,7 @@ def test_similar_items_unknown_seed_is_not_found(
             pb.SimilarItemsRequest(seed_item_ids=[str(trained.dataset.item_ids[0]), "no-such-item"])
         )
     assert err.value.code() == grpc.StatusCode.NOT_FOUND
-    assert "no-such-item" in err.value.details()
+    assert "no-such-item" in (err.value.details() or "")
 
 
 def test_rerank_reports_unknown_and_filtered(
@@ -194,7 +194,7 @@ def test_invalid_recommend_names_the_field(
     with pytest.raises(grpc.RpcError) as err:
         stub.Recommend(request_)
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-    assert err.value.details().startswith(field)
+    assert (err.value.details() or "").startswith(field)
     status = rpc_status.from_call(err.value)
     assert status is not None
     violations = error_details_pb2.BadRequest()
@@ -217,7 +217,7 @@ def test_invalid_rerank_names_the_field(
     with pytest.raises(grpc.RpcError) as err:
         stub.Rerank(request_)
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-    assert err.value.details().startswith(field)
+    assert (err.value.details() or "").startswith(field)
 
 
 @pytest.mark.parametrize(
@@ -239,7 +239,7 @@ def test_invalid_similar_names_the_field(
     with pytest.raises(grpc.RpcError) as err:
         stub.SimilarItems(request_)
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-    assert err.value.details().startswith(field)
+    assert (err.value.details() or "").startswith(field)
 
 
 def test_unknown_country_ships_nothing(stub: pb_grpc.RecommenderStub) -> None:

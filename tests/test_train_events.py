@@ -27,7 +27,9 @@ def log_events(directory: Path, events: list[pb.Event]) -> None:
 def test_merge_counts_everything(tmp_path: Path) -> None:
     ds = generate_store(SMALL)
     item = str(ds.item_ids[5])
-    ctx = pb.RequestContext(session_id="new-shopper", country=ds.country_codes[0], device=1)
+    ctx = pb.RequestContext(
+        session_id="new-shopper", country=ds.country_codes[0], device=pb.RequestContext.MOBILE
+    )
     log_events(
         tmp_path,
         [
@@ -66,7 +68,9 @@ def test_train_with_event_log_via_cli(tmp_path: Path) -> None:
     import sys
 
     ds = generate_store(SMALL)
-    ctx = pb.RequestContext(user_id="loyal", country=ds.country_codes[0], device=2)
+    ctx = pb.RequestContext(
+        user_id="loyal", country=ds.country_codes[0], device=pb.RequestContext.TABLET
+    )
     log_events(
         tmp_path / "events",
         [pb.Event(type=pb.Event.VIEW, item_id=str(ds.item_ids[i]), context=ctx) for i in range(5)],

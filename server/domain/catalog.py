@@ -12,7 +12,7 @@ import mmap
 import operator
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import numpy.typing as npt
@@ -169,10 +169,10 @@ class Catalog:
             release(artifact["item_ids"])
         self.live_ids: list[str] = []
         self.ids = IdIndex(self.base_ids)
-        self.category = _grow(artifact["item_category"], cap)
-        self.brand = _grow(artifact["item_brand"], cap)
-        self.price = _grow(artifact["item_price"], cap)
-        self.in_stock = _grow(artifact["item_in_stock"], cap)
+        self.category: npt.NDArray[np.int32] = _grow(artifact["item_category"], cap)
+        self.brand: npt.NDArray[np.int32] = _grow(artifact["item_brand"], cap)
+        self.price: npt.NDArray[np.float64] = _grow(artifact["item_price"], cap)
+        self.in_stock: npt.NDArray[np.bool_] = _grow(artifact["item_in_stock"], cap)
         self.alive = _grow(np.ones(n, dtype=bool), cap)
         self.category_names = m.category_names
         self.brand_names: list[str] = list(m.brand_names)
@@ -238,7 +238,11 @@ class Catalog:
         return code, rate
 
     def filter_spec(
-        self, filters: Filters, country: str, rate: float, extra_exclude: Sequence[int] = ()
+        self,
+        filters: Filters,
+        country: str,
+        rate: float,
+        extra_exclude: Sequence[int] | npt.NDArray[np.int64] = (),
     ) -> FilterSpec:
         """Resolve names to indexes. Unknown categories/brands match nothing; unknown
         excluded ids exclude nothing; a country the catalog does not ship to passes nothing."""
@@ -315,14 +319,14 @@ class Catalog:
                 category = (old_cat, new)
                 self.category[row] = new
         if item.brand:
-            new = self._brand_index.get(item.brand)
-            if new is None:
-                new = len(self.brand_names)
+            new_brand = self._brand_index.get(item.brand)
+            if new_brand is None:
+                new_brand = len(self.brand_names)
                 self.brand_names.append(item.brand)
-                self._brand_index[item.brand] = new
-            if new != old_brand:
-                brand = (old_brand, new)
-                self.brand[row] = new
+                self._brand_index[item.brand] = new_brand
+            if new_brand != old_brand:
+                brand = (old_brand, new_brand)
+                self.brand[row] = new_brand
         price = None
         if item.price is not None:
             base = item.price / self.rates[item.currency or self.base_currency]
@@ -352,7 +356,10 @@ class Catalog:
         self.filters.update_item(row, alive=False)
 
 
-def _grow(column: npt.NDArray[np.generic], capacity: int) -> npt.NDArray[np.generic]:
+_Scalar = TypeVar("_Scalar", bound=np.generic)
+
+
+def _grow(column: npt.NDArray[_Scalar], capacity: int) -> npt.NDArray[_Scalar]:
     """An in-memory copy of `column` with room for `capacity` rows."""
     out = np.zeros((capacity, *column.shape[1:]), dtype=column.dtype)
     out[: column.shape[0]] = column

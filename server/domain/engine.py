@@ -379,7 +379,7 @@ class Engine:
 
     def item_vector(self, category: int, brand: int, base_price: float) -> npt.NDArray[np.float32]:
         """The content-tower embedding of an item the model never saw."""
-        vec = self.tower_category[category].copy()
+        vec: npt.NDArray[np.float32] = self.tower_category[category].copy()
         if brand < self.tower_brand.shape[0]:
             vec += self.tower_brand[brand]
         bucket = int(np.searchsorted(self.price_edges, base_price, side="right"))

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections import OrderedDict
+from collections.abc import Hashable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -21,6 +22,10 @@ import numpy as np
 import numpy.typing as npt
 
 U64 = np.uint64
+
+# Values derived from a compiled filter, by any hashable key (a name, or a tuple).
+Memo = dict[Hashable, Any]
+
 _PRICE_BUCKETS = 128
 
 
@@ -124,8 +129,8 @@ class Compiled:
     source: FilterIndex | None = None
     # Derived values, computed on first use: `memo` for these bits, `shared` for every
     # request with the same filters bar excluded items (the filter index's cache entry).
-    memo: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
-    shared: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
+    memo: Memo = field(default_factory=dict, compare=False, repr=False)
+    shared: Memo = field(default_factory=dict, compare=False, repr=False)
 
     @property
     def has_residual(self) -> bool:
@@ -240,7 +245,7 @@ class FilterIndex:
         self._brand_cache_size = max(4, (32 << 20) // max(w * 8, 1))
         # Compiled filters (bits, popcount, shared memo) by spec without excluded items,
         # least recently used first; any item change clears it.
-        self._compiled: OrderedDict[FilterSpec, tuple[npt.NDArray[np.uint64], int, dict[str, Any]]]
+        self._compiled: OrderedDict[FilterSpec, tuple[npt.NDArray[np.uint64], int, Memo]]
         self._compiled = OrderedDict()
         self._compiled_size = max(4, _COMPILED_CACHE_BYTES // max(w * 8, 1))
         # Cumulative price buckets: le_bits[j] = items priced <= edges[j]; items

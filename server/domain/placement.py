@@ -252,13 +252,13 @@ def execute(
         for name, res, weight in lists:
             cands.add(name, res.ids, res.provenance, weight)
         rows = np.fromiter(cands.scores, dtype=np.int64, count=len(cands.scores))
-        scores = np.fromiter(cands.scores.values(), dtype=np.float64, count=len(cands.scores))
-        scores *= _boosts(engine, rows, query)
-        keep = scores > 0
-        rows, scores = rows[keep], scores[keep]
-        order = np.lexsort((rows, -scores))
+        blended = np.fromiter(cands.scores.values(), dtype=np.float64, count=len(cands.scores))
+        blended *= _boosts(engine, rows, query)
+        keep = blended > 0
+        rows, blended = rows[keep], blended[keep]
+        order = np.lexsort((rows, -blended))
         cand_ids = rows[order]
-        cand_scores = scores[order].astype(np.float32)
+        cand_scores = blended[order].astype(np.float32)
         cand_prov = np.array([cands.best[r][2] for r in cand_ids.tolist()], dtype=np.int8)
         names = [cands.best[r][1] for r in cand_ids.tolist()]
         plan_name = "blend"

@@ -139,6 +139,7 @@ def default_metrics() -> Metrics:
     global _default
     if _default is None:
         # `_created` series double the exposition and no dashboard reads them.
-        disable_created_metrics()
+        # prometheus_client ships py.typed but leaves this function unannotated.
+        disable_created_metrics()  # type: ignore[no-untyped-call]
         _default = Metrics()
     return _default

@@ -10,7 +10,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import Any, TypedDict, TypeVar
 
 import grpc
 from google.protobuf import any_pb2
@@ -96,7 +96,9 @@ def _status(code: int, message: str, field_name: str | None = None) -> grpc.Stat
             )
         )
         status.details.append(detail)
-    return rpc_status.to_status(status)
+    # grpc_status has no type information (ignore_missing_imports): it returns Any.
+    result: grpc.Status = rpc_status.to_status(status)
+    return result
 
 
 def _status_for(exc: Exception) -> grpc.Status | None:
@@ -580,7 +582,14 @@ _ATTRIBUTED = {
 }
 
 
-def _variant_fields(assignment: Assignment | None) -> dict[str, str]:
+class _VariantFields(TypedDict, total=False):
+    """The experiment fields of a response (absent when the request is in none)."""
+
+    experiment: str
+    variant: str
+
+
+def _variant_fields(assignment: Assignment | None) -> _VariantFields:
     if assignment is None:
         return {}
     return {"experiment": assignment.experiment, "variant": assignment.variant.name}

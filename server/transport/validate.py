@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Sequence
+from typing import Literal
 
 from endcap.v1 import recommender_pb2 as pb
 from server.domain.catalog import ItemUpdate
@@ -132,7 +133,7 @@ def context(msg: pb.RequestContext) -> Context:
     )
 
 
-def _price(field: str, msg: pb.Filters) -> float | None:
+def _price(field: Literal["min_price", "max_price"], msg: pb.Filters) -> float | None:
     if not msg.HasField(field):
         return None
     value: float = getattr(msg, field)
