@@ -234,7 +234,11 @@ async def start(settings: Settings, metrics: Metrics | None = None) -> Running:
     server = grpc.aio.server(interceptors=interceptors, options=options)
     feed = None
     if settings.state_backend == "redis" and settings.catalog_feed:
-        feed = CatalogFeed(settings.redis_url, max_batches=settings.catalog_feed_batches)
+        feed = CatalogFeed(
+            settings.redis_url,
+            max_batches=settings.catalog_feed_batches,
+            on_behind=lambda behind: metrics.catalog_feed_behind.set(1 if behind else 0),
+        )
     servicer = RecommenderServicer(holder, metrics, store, events, reload, budget=budget, feed=feed)
     recommender_pb2_grpc.add_RecommenderServicer_to_server(servicer, server)
     health_servicer = health.aio.HealthServicer()

@@ -140,6 +140,7 @@ def test_redis_down_refuses_changes_then_recovers(
     a, b = (stub(r) for r in replicas)
     item = str(trained.dataset.item_ids[9])
     change = pb.UpsertItemsRequest(items=[pb.CatalogItem(item_id=item, in_stock=False)])
+    behind = replicas[1].running.metrics.catalog_feed_behind
     redis_server.stop()
     try:
         with pytest.raises(grpc.RpcError) as err:
@@ -149,6 +150,7 @@ def test_redis_down_refuses_changes_then_recovers(
         rerank = a.Rerank(pb.RerankRequest(candidate_item_ids=[item]))
         assert [i.item_id for i in rerank.items] == [item]  # refused means not applied here
         assert len(b.Recommend(pb.RecommendRequest(context=DE)).items) == 10  # reads still work
+        eventually(lambda: behind._value.get() == 1, "replica b reports it is behind")
     finally:
         redis_server.start()
     # The stream's history went with the throwaway server; writes work again and
@@ -168,3 +170,4 @@ def test_redis_down_refuses_changes_then_recovers(
         ),
         "replica b applies changes after the outage",
     )
+    assert behind._value.get() == 0

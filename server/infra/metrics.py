@@ -82,6 +82,12 @@ class Metrics:
             "1 while the shared state backend (Redis) is unavailable and local state serves.",
             registry=registry,
         )
+        self.catalog_feed_behind = Gauge(
+            "endcap_catalog_feed_behind",
+            "1 while this replica cannot read the shared live catalog stream (Redis down): "
+            "catalog changes made elsewhere are not applied here yet.",
+            registry=registry,
+        )
         self.reloads = Counter(
             "endcap_model_reloads_total",
             "Model reload attempts, by outcome (ok, refused).",

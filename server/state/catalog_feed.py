@@ -83,6 +83,7 @@ class CatalogFeed:
         max_batches: int = 10_000,
         timeout_s: float = 1.0,
         block_ms: int = 1_000,
+        on_behind: Callable[[bool], None] | None = None,
     ) -> None:
         # Reads block for up to block_ms: their socket timeout must outlast that.
         self._writer: aioredis.Redis = aioredis.Redis.from_url(
@@ -101,6 +102,7 @@ class CatalogFeed:
         self._early: dict[bytes, Any] = {}  # own entries applied before publish() awaited
         self._task: asyncio.Task[None] | None = None
         self.healthy = True
+        self._on_behind = on_behind or (lambda behind: None)
 
     async def publish(self, changes: Sequence[Change]) -> Any:
         """Append `changes` and wait until this replica has applied them; returns what
@@ -150,12 +152,14 @@ class CatalogFeed:
             except (RedisError, OSError) as exc:
                 if self.healthy:
                     log.warning("catalog feed: Redis unreachable, retrying: %s", exc)
+                    self._on_behind(True)
                 self.healthy = False
                 await asyncio.sleep(backoff)
                 backoff = min(2.0, backoff * 2)
                 continue
             if not self.healthy:
                 log.info("catalog feed: Redis back, resuming after %s", self.last_id.decode())
+                self._on_behind(False)
             self.healthy, backoff = True, 0.05
             if batch:
                 await self._apply_all(batch, apply)
