@@ -54,6 +54,7 @@ __all__ = [
     "Client",
     "Context",
     "DeadlineExceeded",
+    "Diversity",
     "EndcapError",
     "Event",
     "EventRejection",
@@ -142,6 +143,22 @@ class Filters:
 
 
 @dataclass(frozen=True, slots=True)
+class Diversity:
+    """Per-call diversity (proto `Diversity`); 0 keeps the placement strategy's setting.
+
+    Caps are hard: fewer items come back rather than break one. `exposure_cap`
+    demotes items this shopper was shown that many times without engaging
+    (impressions are `recommendation_impression` events naming the item).
+    """
+
+    max_per_category: int = 0
+    max_per_brand: int = 0
+    level: float = 0.0
+    """MMR trade-off in [0, 1]: 0 = pure relevance, 1 = maximal spread."""
+    exposure_cap: int = 0
+
+
+@dataclass(frozen=True, slots=True)
 class Item:
     """One recommended item.
 
@@ -159,6 +176,10 @@ class Item:
     brand: str
     in_stock: bool
     provenance: str
+    reason: str = ""
+    """A short explanation for the page, e.g. "Often bought with sku-1" ("" when none)."""
+    reason_item_id: str = ""
+    """The item the reason refers to ("" when none)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -174,6 +195,10 @@ class Recommendations:
     experiment: str = ""
     """The experiment and variant that served this shopper ("" when none)."""
     variant: str = ""
+    strategy: str = ""
+    """The placement strategy that produced a Recommend answer, e.g. "product.upsell"."""
+    shopper_segment: str = ""
+    """Recommend only: "new_visitor", "returning_visitor", "customer" or "vip"."""
 
     @property
     def item_ids(self) -> list[str]:
@@ -509,6 +534,8 @@ def _items(items: Iterable[pb.RecommendedItem]) -> tuple[Item, ...]:
             brand=it.brand,
             in_stock=it.in_stock,
             provenance=_provenance(it.provenance),
+            reason=it.reason,
+            reason_item_id=it.reason_item_id,
         )
         for it in items
     )
@@ -525,7 +552,18 @@ def _recommendations(
         personalized=isinstance(reply, pb.RecommendResponse) and reply.personalized,
         experiment=reply.experiment,
         variant=reply.variant,
+        **_recommend_fields(reply),
     )
+
+
+def _recommend_fields(reply: pb.RecommendResponse | pb.SimilarItemsResponse) -> dict[str, str]:
+    if not isinstance(reply, pb.RecommendResponse):
+        return {}
+    segment = pb.ShopperSegment.Name(reply.shopper_segment)
+    return {
+        "strategy": reply.strategy,
+        "shopper_segment": "" if reply.shopper_segment == 0 else segment.lower(),
+    }
 
 
 def _reranked(reply: pb.RerankResponse) -> Reranked:
@@ -543,10 +581,27 @@ def _reranked(reply: pb.RerankResponse) -> Reranked:
 
 
 def _recommend_request(
-    num_results: int, filters: Filters | None, context: Mapping[str, Any]
+    num_results: int,
+    filters: Filters | None,
+    context: Mapping[str, Any],
+    seed_item_ids: str | Sequence[str] = (),
+    strategy: str = "",
+    diversity: Diversity | None = None,
 ) -> pb.RecommendRequest:
     return pb.RecommendRequest(
-        context=_context(context), filters=_filters(filters), num_results=num_results
+        context=_context(context),
+        filters=_filters(filters),
+        num_results=num_results,
+        seed_item_ids=_seq(seed_item_ids, "seed_item_ids"),
+        strategy=strategy,
+        diversity=None
+        if diversity is None
+        else pb.Diversity(
+            max_per_category=diversity.max_per_category,
+            max_per_brand=diversity.max_per_brand,
+            level=diversity.level,
+            exposure_cap=diversity.exposure_cap,
+        ),
     )
 
 
@@ -695,6 +750,9 @@ class Client(_Base):
         *,
         num_results: int = 10,
         filters: Filters | None = None,
+        seed_item_ids: str | Sequence[str] = (),
+        strategy: str = "",
+        diversity: Diversity | None = None,
         timeout_s: float | None = None,
         metadata: Sequence[tuple[str, str]] = (),
         **context: Unpack[Context],
@@ -703,8 +761,13 @@ class Client(_Base):
 
         `num_results` is 1..500. Shoppers the model does not know get their
         segment's bestsellers (`personalized` is False), within the filters.
+        `placement` (in the context) picks the page's strategy; `seed_item_ids`
+        are the items the page is about (the product, the cart); `strategy`
+        names another one, e.g. "product.upsell" or "product.cheaper".
         """
-        request = _recommend_request(num_results, filters, context)
+        request = _recommend_request(
+            num_results, filters, context, seed_item_ids, strategy, diversity
+        )
         try:
             reply = self._stub.Recommend(request, **self._call_args(timeout_s, metadata))
         except grpc.RpcError as exc:
@@ -866,12 +929,17 @@ class AsyncClient(_Base):
         *,
         num_results: int = 10,
         filters: Filters | None = None,
+        seed_item_ids: str | Sequence[str] = (),
+        strategy: str = "",
+        diversity: Diversity | None = None,
         timeout_s: float | None = None,
         metadata: Sequence[tuple[str, str]] = (),
         **context: Unpack[Context],
     ) -> Recommendations:
         """See `Client.recommend`."""
-        request = _recommend_request(num_results, filters, context)
+        request = _recommend_request(
+            num_results, filters, context, seed_item_ids, strategy, diversity
+        )
         try:
             reply = await self._stub.Recommend(request, **self._call_args(timeout_s, metadata))
         except grpc.RpcError as exc:

@@ -27,6 +27,7 @@ from endcap.client import (
     Client,
     Context,
     DeadlineExceeded,
+    Diversity,
     Event,
     Filters,
     InvalidArgument,
@@ -90,6 +91,29 @@ def test_recommend_applies_context_and_filters(client: Client) -> None:
     for item in recs.items:
         assert item.price <= 40.0 + 1e-6 and item.in_stock and item.currency == "EUR"
         assert item.provenance in {"segment_popularity", "global_popularity"}
+
+
+def test_recommend_takes_seeds_strategy_and_diversity(client: Client) -> None:
+    def recommend(placement: str, **kwargs: Any) -> Recommendations:
+        return client.recommend(
+            placement=placement,  # type: ignore[arg-type]  # a literal, checked by the client
+            country="DE",
+            currency="EUR",
+            session_id="s-client-upsell",
+            **kwargs,
+        )
+
+    seed = recommend("product", num_results=1).items[0]
+    up = recommend("product", seed_item_ids=seed.item_id, strategy="product.upsell")
+    assert up.strategy == "product.upsell" and up.shopper_segment == "new_visitor"
+    assert len(up) > 0 and seed.item_id not in up.item_ids
+    for item in up.items:
+        assert item.category == seed.category
+        assert 1.1 * seed.price - 1e-6 <= item.price <= 2.0 * seed.price + 1e-6
+        assert item.reason  # every item explains itself
+    home = recommend("home", num_results=10, diversity=Diversity(max_per_category=1))
+    categories = [i.category for i in home.items]
+    assert len(home) > 1 and len(categories) == len(set(categories))
 
 
 def test_similar_items_never_returns_seeds(client: Client, trained: TrainedStore) -> None:
