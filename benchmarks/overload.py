@@ -37,7 +37,6 @@ import socket
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from collections import Counter
 from dataclasses import asdict, dataclass
@@ -46,6 +45,8 @@ from typing import Any
 
 import grpc
 import numpy as np
+
+from benchmarks.servers import Sampler
 
 ROOT = Path(__file__).resolve().parents[1]
 SERVICE = "/endcap.v1.Recommender/"
@@ -213,29 +214,6 @@ def _rss_mb(pid: int) -> float:
     return 0.0
 
 
-class RssSampler:
-    """Peak RSS of a process while a phase runs."""
-
-    def __init__(self, pid: int) -> None:
-        self.pid = pid
-        self.peak = 0.0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            self.peak = max(self.peak, _rss_mb(self.pid))
-            self._stop.wait(0.1)
-
-    def __enter__(self) -> RssSampler:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *_: object) -> None:
-        self._stop.set()
-        self._thread.join()
-
-
 def _serving(target: str, timeout_s: float = 120.0) -> bool:
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
@@ -311,7 +289,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         ) -> Phase:
             duration_s = 2.0 if name == "warmup" else args.duration_s
             per = (target, requests, mode, rate / args.workers, args.callers, duration_s)
-            with RssSampler(server.pid) as rss:
+            with Sampler(lambda: _rss_mb(server.pid), 0.1) as rss:
                 results = pool.map(_worker, [(*per, args.deadline_ms / 1000)] * args.workers)
             lat = np.concatenate([np.asarray(r[0]) for r in results]) * 1000
             codes = np.concatenate([np.asarray(r[1]) for r in results])
@@ -332,7 +310,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 p999_ms=round(float(pct[2]), 3),
                 max_send_lag_ms=round(max(r[2] for r in results) * 1000, 3),
                 shed_rate=round(counts.get("RESOURCE_EXHAUSTED", 0) / max(sent, 1), 4),
-                rss_peak_mb=round(rss.peak, 1),
+                rss_peak_mb=round(max((mb for _, mb in rss.samples), default=0.0), 1),
             )
             if name != "warmup":
                 phases.append(p)

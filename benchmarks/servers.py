@@ -10,10 +10,12 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Generic, TypeVar
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -255,3 +257,34 @@ def tree_memory(pid: int) -> dict[str, float]:
         "pss_anon_mb": round(anon, 1),
         "pss_file_mb": round(file_, 1),
     }
+
+
+T = TypeVar("T")
+
+
+class Sampler(Generic[T]):
+    """Inside a `with` block, calls `read` every `period_s` on a thread of its own:
+    `samples` is [(seconds since the block began, value)], the first at once."""
+
+    def __init__(self, read: Callable[[], T], period_s: float) -> None:
+        self.read = read
+        self.period_s = period_s
+        self.samples: list[tuple[float, T]] = []
+        self._t0 = time.monotonic()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while True:
+            self.samples.append((time.monotonic() - self._t0, self.read()))
+            if self._stop.wait(self.period_s):
+                return
+
+    def __enter__(self) -> Sampler[T]:
+        self._t0 = time.monotonic()
+        self._thread.start()
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self._stop.set()
+        self._thread.join()

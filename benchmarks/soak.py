@@ -27,8 +27,6 @@ import json
 import os
 import platform
 import sys
-import threading
-import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -38,7 +36,7 @@ import numpy as np
 
 from benchmarks.catalog import CatalogSpec, ensure_catalog
 from benchmarks.loadgen import LoadClient, LoadOutcome, LoadSpec, percentiles
-from benchmarks.servers import ServerProcess, start_endcap
+from benchmarks.servers import Sampler, start_endcap
 from endcap.v1 import recommender_pb2 as pb
 
 MAX_MINUTES = 120.0
@@ -138,31 +136,9 @@ def plan(root: Path, count: int, seed: int) -> list[tuple[str, bytes]]:
     return [calls[int(i)] for i in order]
 
 
-class RssSampler:
-    """(seconds since start, RSS MB, PSS MB) of the server's process tree, every period."""
-
-    def __init__(self, server: ServerProcess, period_s: float) -> None:
-        self.server = server
-        self.period_s = period_s
-        self.samples: list[tuple[float, float, float]] = []
-        self.t0 = time.monotonic()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def _run(self) -> None:
-        while True:
-            mem = self.server.memory()
-            self.samples.append((time.monotonic() - self.t0, mem["rss_mb"], mem["pss_mb"]))
-            if self._stop.wait(self.period_s):
-                return
-
-    def __enter__(self) -> RssSampler:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *_: object) -> None:
-        self._stop.set()
-        self._thread.join()
+def _memory(samples: Sequence[tuple[float, dict[str, float]]]) -> list[tuple[float, float, float]]:
+    """(seconds, RSS MB, PSS MB) of the server's process tree."""
+    return [(t, m["rss_mb"], m["pss_mb"]) for t, m in samples]
 
 
 def _minute_row(i: int, out: LoadOutcome, rss: list[tuple[float, float, float]]) -> dict[str, Any]:
@@ -225,7 +201,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     try:
         print(f"serving {args.items:,} items at {server.target}; {args.rate:g} calls/s", flush=True)
         print(" min     sent  ok/s     p50 ms   p99 ms   max ms  rss MB  errors", flush=True)
-        with RssSampler(server, args.sample_s) as rss:
+        with Sampler(server.memory, args.sample_s) as rss:
             for i in range(minutes):
                 start = len(rss.samples)
                 out = client.run(
@@ -239,7 +215,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                         max_inflight=2000,
                     )
                 )
-                row = _minute_row(i, out, rss.samples[start:] or rss.samples[-1:])
+                row = _minute_row(i, out, _memory(rss.samples[start:] or rss.samples[-1:]))
                 rows.append(row)
                 print(
                     f"{row['minute']:>4} {row['sent']:>8} {row['achieved_qps']:>5.0f} "
@@ -247,7 +223,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     f"{row['rss_mb']:>7.1f}  {row['errors'] or ''}",
                     flush=True,
                 )
-            samples = list(rss.samples)
+            samples = _memory(rss.samples)
         alive = server.proc.poll() is None
     finally:
         client.close()
