@@ -76,6 +76,12 @@ def test_sigterm_drains_in_flight_calls_and_flushes_the_event_log(
 
             stream = pb_grpc.RecommenderStub(channel).StreamEvents.future(batches(), timeout=60)
             feed.put(batch(1))
+            # SIGTERM only once the server has the stream (its first batch is in the
+            # log): a call that has not reached the server yet is refused, not drained.
+            deadline = time.monotonic() + 30
+            while len(read_events(log_dir)[0]) < len(items):
+                assert time.monotonic() < deadline, "the first batch never reached the log"
+                time.sleep(0.01)
 
             proc.send_signal(signal.SIGTERM)
             assert statuses.get(timeout=30) == health_pb2.HealthCheckResponse.NOT_SERVING
