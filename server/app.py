@@ -157,8 +157,8 @@ class Running:
     async def set_serving(self, serving: bool) -> None:
         """Report SERVING (after catching up with the replicas' live catalog changes)
         or NOT_SERVING."""
-        if serving and self.feed is not None and self.apply_catalog is not None:
-            await self.sync_catalog(self.feed, self.apply_catalog)
+        if serving:
+            await self.sync_catalog()
         status = (
             health_pb2.HealthCheckResponse.SERVING
             if serving
@@ -167,9 +167,12 @@ class Running:
         for name in ("", SERVICE_NAME):
             await self.health.set(name, status)
 
-    async def sync_catalog(self, feed: CatalogFeed, apply: Apply) -> None:
-        """Replay the shared catalog stream, then follow it. Redis being down does not
-        stop serving: the follower catches up when it returns."""
+    async def sync_catalog(self) -> None:
+        """Replay the shared catalog stream, then follow it (nothing without a feed).
+        Redis being down does not stop serving: the follower catches up when it returns."""
+        feed, apply = self.feed, self.apply_catalog
+        if feed is None or apply is None:
+            return
         try:
             replayed = await feed.catch_up(apply)
             if replayed:

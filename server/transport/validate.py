@@ -357,12 +357,6 @@ def events(
     return good, bad
 
 
-def upsert_items(msg: pb.UpsertItemsRequest) -> list[tuple[int, ItemUpdate]]:
-    check_upsert_count(msg)
-    seen: set[str] = set()
-    return [(i, upsert_item(item, i, seen)) for i, item in enumerate(msg.items)]
-
-
 def check_upsert_count(msg: pb.UpsertItemsRequest) -> None:
     if not 1 <= len(msg.items) <= MAX_UPSERT:
         raise InvalidRequest("items", f"must have 1 to {MAX_UPSERT} items, got {len(msg.items)}")
