@@ -4,8 +4,9 @@ writers converge, and an outage refuses writes (nothing diverges) and then recov
 
 from __future__ import annotations
 
+import asyncio
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 
 import grpc
 import pytest
@@ -15,7 +16,7 @@ from conftest import ServerThread, TrainedStore, make_settings
 from endcap.v1 import recommender_pb2 as pb
 from endcap.v1 import recommender_pb2_grpc as pb_grpc
 from server.domain.catalog import ItemUpdate
-from server.state.catalog_feed import Change, decode, encode
+from server.state.catalog_feed import CatalogFeed, Change, decode, encode
 
 pytestmark = pytest.mark.skipif(REDIS is None, reason="redis-server is not installed")
 DE = pb.RequestContext(country="DE", currency="EUR")
@@ -63,6 +64,35 @@ def test_changes_round_trip_through_the_wire_format() -> None:
     assert decode(encode(changes)) == changes
     with pytest.raises(ValueError, match="format"):
         decode(b'{"v": 99, "changes": []}')
+
+
+def test_a_change_that_fails_to_apply_fails_its_writer_and_the_feed_goes_on(
+    redis_server: RedisServer,
+) -> None:
+    """A bug applying one batch answers that batch's writer with the error; the
+    follower keeps applying later batches instead of dying silently."""
+    seen: list[str] = []
+
+    async def apply(changes: Sequence[Change]) -> int:
+        item = changes[0][1]
+        if item == "poison":
+            raise RuntimeError("cannot apply")
+        seen.append(str(item))
+        return len(changes)
+
+    async def run() -> None:
+        feed = CatalogFeed(redis_server.url, stream="endcap:catalog:poison", block_ms=50)
+        await feed.catch_up(apply)
+        feed.follow(apply)
+        try:
+            with pytest.raises(RuntimeError, match="cannot apply"):
+                await asyncio.wait_for(feed.publish([("delete", "poison")]), 5)
+            assert await asyncio.wait_for(feed.publish([("delete", "after")]), 5) == 1
+            assert seen == ["after"] and feed.applied == 2
+        finally:
+            await feed.close()
+
+    asyncio.run(run())
 
 
 def test_a_change_on_one_replica_reaches_the_others(

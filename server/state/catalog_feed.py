@@ -20,7 +20,6 @@ entry it applied.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import dataclasses
 import json
 import logging
@@ -101,6 +100,7 @@ class CatalogFeed:
         self._waiting: dict[bytes, asyncio.Future[Any]] = {}
         self._early: dict[bytes, Any] = {}  # own entries applied before publish() awaited
         self._task: asyncio.Task[None] | None = None
+        self._closing = False
         self.healthy = True
         self._on_behind = on_behind or (lambda behind: None)
 
@@ -118,7 +118,10 @@ class CatalogFeed:
             raise FeedUnavailable(f"catalog feed (Redis) unavailable: {exc}") from exc
         entry_id = added.encode() if isinstance(added, str) else added
         if entry_id in self._early:  # the follower was quicker than this reply
-            return self._early.pop(entry_id)
+            early = self._early.pop(entry_id)
+            if isinstance(early, Exception):
+                raise early
+            return early
         loop = asyncio.get_running_loop()
         done = loop.create_future()
         self._waiting[entry_id] = done
@@ -144,12 +147,14 @@ class CatalogFeed:
 
     async def _follow(self, apply: Apply) -> None:
         backoff = 0.05
-        while True:
+        while not self._closing:
             try:
                 batch = await self._reader.xread(
                     {self.stream: self.last_id}, count=64, block=self.block_ms
                 )
             except (RedisError, OSError) as exc:
+                if self._closing:
+                    return
                 if self.healthy:
                     log.warning("catalog feed: Redis unreachable, retrying: %s", exc)
                     self._on_behind(True)
@@ -169,28 +174,39 @@ class CatalogFeed:
         for _stream, entries in batch:
             for entry_id, fields in entries:
                 result: Any = None
+                failed: Exception | None = None
                 try:
                     result = await apply(decode(fields[b"changes"]))
                 except ValueError as exc:  # a newer server's format: skip, say so
                     log.error("catalog feed entry %s skipped: %s", entry_id.decode(), exc)
+                except Exception as exc:  # a bug here must not stop every later change
+                    log.exception("catalog feed entry %s failed to apply", entry_id.decode())
+                    failed = exc
                 self.last_id = entry_id
                 self.applied += 1
                 n += 1
                 waiter = self._waiting.get(entry_id)
                 if waiter is not None:
                     if not waiter.done():
-                        waiter.set_result(result)
+                        if failed is None:
+                            waiter.set_result(result)
+                        else:
+                            waiter.set_exception(failed)
                 elif fields.get(b"origin") == self.origin.encode():
-                    self._early[entry_id] = result
+                    self._early[entry_id] = result if failed is None else failed
                     if len(self._early) > 1024:  # callers that gave up (deadline)
                         self._early.pop(next(iter(self._early)))
         return n
 
     async def close(self) -> None:
+        self._closing = True
         if self._task is not None:
+            # A blocked XREAD can swallow the cancellation (redis-py): the flag ends
+            # the loop once the read returns, within block_ms.
             self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+            await asyncio.wait({self._task}, timeout=self.block_ms / 1000 + 1.0)
+            if not self._task.done():
+                log.warning("catalog feed: follower still reading at shutdown")
             self._task = None
         for waiter in self._waiting.values():
             if not waiter.done():
