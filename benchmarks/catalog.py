@@ -42,7 +42,7 @@ class CatalogSpec:
     dim: int = 64
     n_users: int = 20_000
     seed: int = 0
-    index: str = "ivf_flat"  # ivf_flat | ivf_pq | flat
+    index: str = "ivf_sq8"  # ivf_sq8 | ivf_flat | ivf_pq | flat
     nlist: int = 0  # IVF lists; 0 = 4 * sqrt(n_items)
     pq_m: int = 16  # IVF-PQ sub-quantizers (bytes per vector at 8 bits)
     build_threads: int = 0  # FAISS threads for the build; 0 = all cores
@@ -318,6 +318,15 @@ def build_index(embeddings: npt.NDArray[np.float32], spec: CatalogSpec) -> faiss
             if spec.index == "ivf_pq":
                 index = faiss.IndexIVFPQ(
                     quantizer, d, nlist, spec.pq_m, 8, faiss.METRIC_INNER_PRODUCT
+                )
+            elif spec.index == "ivf_sq8":
+                index = faiss.IndexIVFScalarQuantizer(
+                    quantizer,
+                    d,
+                    nlist,
+                    faiss.ScalarQuantizer.QT_8bit,
+                    faiss.METRIC_INNER_PRODUCT,
+                    False,
                 )
             else:
                 index = faiss.IndexIVFFlat(quantizer, d, nlist, faiss.METRIC_INNER_PRODUCT)

@@ -28,10 +28,11 @@ from server.domain.filters import Partitions, pack, to_ids
 ENV = {"ENDCAP_EXACT_SCAN_MAX_ITEMS": "100"}  # small catalog, but exercise the IVF plan
 
 
-@pytest.fixture(scope="module")
-def catalog_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("bench-catalog")
-    build_catalog(CatalogSpec(n_items=20_000, n_users=2_000, seed=3), root)
+@pytest.fixture(scope="module", params=["ivf_sq8", "ivf_flat"])
+def catalog_root(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The default compressed IVF (rescored from the embeddings) and IVF-Flat."""
+    root = tmp_path_factory.mktemp(f"bench-catalog-{request.param}")
+    build_catalog(CatalogSpec(n_items=20_000, n_users=2_000, seed=3, index=request.param), root)
     return root
 
 

@@ -194,7 +194,7 @@ def test_ivf_fidelity_reports_ann_recall(monkeypatch: pytest.MonkeyPatch, tmp_pa
     )
     report = evaluate_dataset(generate_store(TINY), config, artifacts=tmp_path)
     fidelity = report["fidelity"]
-    assert fidelity["index"] == "IndexIVFFlat" and fidelity["nprobe"] > 0
+    assert fidelity["index"] == "IndexIVFScalarQuantizer" and fidelity["nprobe"] > 0
     assert 0.5 < fidelity["ann_vs_exact"]["recall@10"] <= 1.0
     assert (tmp_path / "LATEST").is_file()
 

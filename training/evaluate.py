@@ -845,7 +845,7 @@ def _fidelity(
         faiss.omp_set_num_threads(1)
         t0 = time.perf_counter()
         try:
-            ann = _ann_top(index, q, seen_ptr, seen, k, split.n_items)
+            ann = _ann_top(index, q, seen_ptr, seen, k, served.item_embeddings)
         finally:
             faiss.omp_set_num_threads(previous)
         ann_s = time.perf_counter() - t0
@@ -917,18 +917,28 @@ def _ann_top(
     seen_ptr: npt.NDArray[np.int64],
     seen: Array,
     k: int,
-    n_items: int,
+    vectors: npt.NDArray[np.float32],
     batch: int = 4096,
 ) -> npt.NDArray[np.int64]:
     """Top-k by the index's own search: over-fetch by the history size, drop history and
-    -1 ids, truncate (as the server does). int64 (b, k), -1 padded."""
+    -1 ids, truncate (as the server does; compressed codes are over-fetched again and
+    rescored with `vectors`, the item embeddings). int64 (b, k), -1 padded."""
+    from server.domain.retrieval import rescore_overfetch
+
+    n_items = int(vectors.shape[0])
+    overfetch = rescore_overfetch(index)
+    step = batch if overfetch == 1 else max(1, batch // 16)  # bounds the gathered vectors
     out = np.full((queries.shape[0], k), -1, dtype=np.int64)
     counts = np.diff(seen_ptr)
-    for lo in range(0, queries.shape[0], batch):
-        hi = min(lo + batch, queries.shape[0])
-        fetch = min(n_items, k + int(counts[lo:hi].max(initial=0)))
+    for lo in range(0, queries.shape[0], step):
+        hi = min(lo + step, queries.shape[0])
+        fetch = min(n_items, (k + int(counts[lo:hi].max(initial=0))) * overfetch)
         _, ids = index.search(np.ascontiguousarray(queries[lo:hi]), fetch)
         ids = ids.astype(np.int64)
+        if overfetch > 1:
+            exact = np.einsum("bd,bfd->bf", queries[lo:hi], vectors[np.maximum(ids, 0)])
+            order = np.argsort(np.where(ids >= 0, -exact, np.inf), axis=1, kind="stable")
+            ids = np.take_along_axis(ids, order, axis=1)
         rows = np.arange(hi - lo, dtype=np.int64)
         ptr, items = csr_rows(seen_ptr, seen, np.arange(lo, hi))
         seen_keys = np.sort(np.repeat(rows, np.diff(ptr)) * n_items + items.astype(np.int64))
