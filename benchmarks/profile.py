@@ -96,8 +96,8 @@ def main(argv: list[str] | None = None) -> int:
     engine = inproc.load(built.root, {})
     reqs = requests_for(Workload(engine, seed=0), args.scenario)
     del engine
-    server = start_endcap(built.root)
     args.out.mkdir(parents=True, exist_ok=True)
+    server = start_endcap(built.root)
     raw = args.out / f"{args.scenario.replace('=', '')}-{args.items}.txt"
     cmd = [spy, "record", "--pid", str(server.pid), "--format", "raw", "--rate", str(args.rate)]
     cmd += ["-o", str(raw), "--duration", str(int(args.seconds) + 1)]
