@@ -3,6 +3,7 @@
     python -m benchmarks.overload [--artifacts DIR] [--factor 3] [--duration-s 15]
                                   [--max-in-flight 64] [--queue-target-ms 20]
                                   [--redis-url redis://127.0.0.1:6379/0]
+                                  [--front nginx --front-max-in-flight 4]
 
 Starts the server as a process of its own, then runs, each for --duration-s:
 
@@ -14,6 +15,9 @@ then, on a fresh server with --queue-target-ms (the default shedding):
 4. overload: open loop at --factor x capacity: p50/p99 of admitted calls, the
    shed rate (RESOURCE_EXHAUSTED), anything else that failed, the server's RSS;
 5. recovery: unloaded again, then health.
+
+With --front nginx, phases 2-5 go through nginx (deploy/nginx), which sheds
+read calls beyond --front-max-in-flight before they reach the server.
 
 Open-loop latency counts from each call's intended send time, so a slow server
 cannot hide its tail by slowing the sender; the sender's own lag is reported.
@@ -46,7 +50,7 @@ from typing import Any
 import grpc
 import numpy as np
 
-from benchmarks.servers import Sampler
+from benchmarks.servers import Sampler, start_nginx_front
 
 ROOT = Path(__file__).resolve().parents[1]
 SERVICE = "/endcap.v1.Recommender/"
@@ -328,7 +332,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         server, target = _start_server(
             artifacts, args, tmp / "server.log", args.queue_target_ms / 1000, server_cpus
         )
+        front = None
         try:
+            if args.front:
+                front = start_nginx_front(target, args.front_max_in_flight, cpus=client_cpus)
+                target = front.target
             rss_idle = _rss_mb(server.pid)
             phase(server, target, "warmup", "open", capacity / 4)
             phase(server, target, "unloaded", "open", capacity / 4)
@@ -338,9 +346,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             alive = server.poll() is None and _serving(target, 10)
             rss_after = _rss_mb(server.pid)
         finally:
+            if front is not None:
+                front.stop()
             exit_code = _stop(server)
     by = {p.name: p for p in phases}
     summary = {
+        "front": f"{args.front} (max {args.front_max_in_flight} reads in flight)"
+        if args.front
+        else "none",
         "server_stayed_up": alive,
         "clean_exit_on_sigterm": exit_code == 0,
         "capacity_qps": by["capacity"].ok_qps,
@@ -407,6 +420,15 @@ def main(argv: list[str] | None = None) -> int:
         help='server:client CPU lists ("0:1"), "auto" (server on the first CPU), "" (none)',
     )
     parser.add_argument("--redis-url", help="serve with ENDCAP_STATE_BACKEND=redis at this URL")
+    parser.add_argument(
+        "--front",
+        choices=("", "nginx"),
+        default="",
+        help="shed in a proxy in front (deploy/nginx), on the load CPUs; capacity stays direct",
+    )
+    parser.add_argument(
+        "--front-max-in-flight", type=int, default=4, help="read calls the front lets through"
+    )
     parser.add_argument("--json", type=Path, help="write the results here")
     args = parser.parse_args(argv)
     result = run(args)

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -203,6 +205,48 @@ def start_echo(responses: Path, timeout_s: float = 60.0) -> ServerProcess:
         server.stop()
         raise RuntimeError(f"echo server failed; log:\n{log.read_text()[-4000:]}") from None
     return server
+
+
+FRONT_TEMPLATE = Path(__file__).resolve().parents[1] / "deploy/nginx/endcap-front.conf.template"
+
+
+def start_nginx_front(
+    upstream: str, max_in_flight: int, *, cpus: set[int] | None = None, timeout_s: float = 10.0
+) -> ServerProcess:
+    """nginx (deploy/nginx/endcap-front.conf.template) on a free loopback port in front of
+    `upstream`, shedding read calls beyond `max_in_flight`; SERVING through it on return."""
+    nginx = shutil.which("nginx") or "/usr/sbin/nginx"
+    if not Path(nginx).exists():
+        raise RuntimeError("nginx not found: apt-get install -y nginx-light")
+    prefix = Path(tempfile.mkdtemp(prefix="endcap-front-"))
+    target = f"{HOST}:{free_port()}"
+    conf = prefix / "nginx.conf"
+    values = {
+        "ENDCAP_FRONT_LISTEN": target,
+        "ENDCAP_UPSTREAM": upstream,
+        "ENDCAP_FRONT_MAX_IN_FLIGHT": str(max_in_flight),
+    }
+    # Like envsubst with a variable list: nginx's own $variables stay as they are.
+    text = re.sub(
+        r"\$\{(ENDCAP_[A-Z_]+)\}", lambda m: values[m.group(1)], FRONT_TEMPLATE.read_text()
+    )
+    conf.write_text(text)
+    log = prefix / "error.log"
+    cmd = [nginx, "-p", str(prefix), "-c", str(conf), "-e", str(log)]
+    cmd += ["-g", f"daemon off; pid {prefix / 'nginx.pid'};"]
+    if cpus and shutil.which("taskset"):
+        cmd = ["taskset", "-c", ",".join(map(str, sorted(cpus))), *cmd]
+    proc = subprocess.Popen(
+        cmd, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT, start_new_session=True
+    )
+    front = ServerProcess(name="nginx front", proc=proc, target=target, log=log)
+    try:
+        wait_serving(target, timeout_s, proc)
+    except Exception:
+        front.stop()
+        text = log.read_text()[-4000:] if log.exists() else ""
+        raise RuntimeError(f"nginx front failed; log:\n{text}") from None
+    return front
 
 
 def _children(pid: int) -> list[int]:
