@@ -17,7 +17,9 @@ then, on a fresh server with --queue-target-ms (the default shedding):
 5. recovery: unloaded again, then health.
 
 With --front nginx, phases 2-5 go through nginx (deploy/nginx), which sheds
-read calls beyond --front-max-in-flight before they reach the server.
+read calls beyond --front-max-in-flight before they reach the server. nginx is
+pinned to the server's CPUs, as a sidecar shares its pod's CPU with the server
+(on the load CPU it starved the load generator, which then measured itself).
 
 Open-loop latency counts from each call's intended send time, so a slow server
 cannot hide its tail by slowing the sender; the sender's own lag is reported.
@@ -335,7 +337,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         front = None
         try:
             if args.front:
-                front = start_nginx_front(target, args.front_max_in_flight, cpus=client_cpus)
+                front = start_nginx_front(target, args.front_max_in_flight, cpus=server_cpus)
                 target = front.target
             rss_idle = _rss_mb(server.pid)
             phase(server, target, "warmup", "open", capacity / 4)
@@ -424,7 +426,7 @@ def main(argv: list[str] | None = None) -> int:
         "--front",
         choices=("", "nginx"),
         default="",
-        help="shed in a proxy in front (deploy/nginx), on the load CPUs; capacity stays direct",
+        help="shed in a proxy in front (deploy/nginx), on the server's CPUs; capacity stays direct",
     )
     parser.add_argument(
         "--front-max-in-flight", type=int, default=4, help="read calls the front lets through"

@@ -230,10 +230,15 @@ def start_nginx_front(
     text = re.sub(
         r"\$\{(ENDCAP_[A-Z_]+)\}", lambda m: values[m.group(1)], FRONT_TEMPLATE.read_text()
     )
-    conf.write_text(text)
+    (prefix / "endcap-front.conf").write_text(text)
+    # The template is http-context, as the nginx image's templates are: wrap it.
+    conf.write_text(
+        f"worker_processes 1;\npid {prefix / 'nginx.pid'};\n"
+        "events {\n    worker_connections 4096;\n}\n"
+        f"http {{\n    include {prefix / 'endcap-front.conf'};\n}}\n"
+    )
     log = prefix / "error.log"
-    cmd = [nginx, "-p", str(prefix), "-c", str(conf), "-e", str(log)]
-    cmd += ["-g", f"daemon off; pid {prefix / 'nginx.pid'};"]
+    cmd = [nginx, "-p", str(prefix), "-c", str(conf), "-e", str(log), "-g", "daemon off;"]
     if cpus and shutil.which("taskset"):
         cmd = ["taskset", "-c", ",".join(map(str, sorted(cpus))), *cmd]
     proc = subprocess.Popen(
