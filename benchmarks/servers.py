@@ -210,6 +210,12 @@ def start_echo(responses: Path, timeout_s: float = 60.0) -> ServerProcess:
 FRONT_TEMPLATE = Path(__file__).resolve().parents[1] / "deploy/nginx/endcap-front.conf.template"
 
 
+def render_front(env: Mapping[str, str]) -> str:
+    """The front's template with its ${ENDCAP_*} placeholders filled from `env`, as the
+    nginx image's envsubst step does (nginx's own $variables stay as they are)."""
+    return re.sub(r"\$\{(ENDCAP_[A-Z_]+)\}", lambda m: env[m.group(1)], FRONT_TEMPLATE.read_text())
+
+
 def start_nginx_front(
     upstream: str, max_in_flight: int, *, cpus: set[int] | None = None, timeout_s: float = 10.0
 ) -> ServerProcess:
@@ -221,14 +227,12 @@ def start_nginx_front(
     prefix = Path(tempfile.mkdtemp(prefix="endcap-front-"))
     target = f"{HOST}:{free_port()}"
     conf = prefix / "nginx.conf"
-    values = {
-        "ENDCAP_FRONT_LISTEN": target,
-        "ENDCAP_UPSTREAM": upstream,
-        "ENDCAP_FRONT_MAX_IN_FLIGHT": str(max_in_flight),
-    }
-    # Like envsubst with a variable list: nginx's own $variables stay as they are.
-    text = re.sub(
-        r"\$\{(ENDCAP_[A-Z_]+)\}", lambda m: values[m.group(1)], FRONT_TEMPLATE.read_text()
+    text = render_front(
+        {
+            "ENDCAP_FRONT_LISTEN": target,
+            "ENDCAP_UPSTREAM": upstream,
+            "ENDCAP_FRONT_MAX_IN_FLIGHT": str(max_in_flight),
+        }
     )
     (prefix / "endcap-front.conf").write_text(text)
     # The template is http-context, as the nginx image's templates are: wrap it.

@@ -364,9 +364,18 @@ def pod_specs() -> Iterator[tuple[str, dict[str, Any]]]:
             yield obj["metadata"]["name"], obj["spec"]["jobTemplate"]["spec"]["template"]["spec"]
 
 
+def container(name: str) -> dict[str, Any]:
+    containers = k8s("Deployment", "endcap")["spec"]["template"]["spec"]["containers"]
+    (found,) = [c for c in containers if c["name"] == name]
+    return dict(found)
+
+
 def server_container() -> dict[str, Any]:
-    (container,) = k8s("Deployment", "endcap")["spec"]["template"]["spec"]["containers"]
-    return dict(container)
+    return container("endcap")
+
+
+def front_container() -> dict[str, Any]:
+    return container("front")
 
 
 def configmap_env() -> dict[str, str]:
@@ -397,9 +406,39 @@ def test_probes_call_the_grpc_health_service_on_the_serving_port() -> None:
     container = server_container()
     ports = {p["name"]: p["containerPort"] for p in container["ports"]}
     settings = Settings.from_env(configmap_env())
-    assert ports == {"grpc": settings.port, "metrics": settings.metrics_port}
+    assert ports == {"direct": settings.port, "metrics": settings.metrics_port}
     for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
         assert container[probe]["grpc"] == {"port": settings.port, "service": SERVICE_NAME}
+
+
+def test_the_front_listens_where_clients_dial_and_forwards_to_endcap() -> None:
+    """The headless Service hands clients pod IPs, so they reach the container port
+    itself: the front must own 50051 and forward to endcap's own port; its ConfigMap
+    is the template the bench and tests run; it drains after endcap does."""
+    from benchmarks.servers import FRONT_TEMPLATE, render_front
+
+    front = front_container()
+    env = {e["name"]: e["value"] for e in front["env"]}
+    (port,) = front["ports"]
+    assert port["name"] == "grpc" and port["containerPort"] == 50051
+    settings = Settings.from_env(configmap_env())
+    assert env["ENDCAP_FRONT_LISTEN"] == f"0.0.0.0:{port['containerPort']}"
+    assert env["ENDCAP_UPSTREAM"] == f"127.0.0.1:{settings.port}"
+    assert 1 <= int(env["ENDCAP_FRONT_MAX_IN_FLIGHT"]) <= 8
+    rendered = render_front(env)
+    assert (
+        "${" not in rendered
+        and f"limit_conn endcap_reads {env['ENDCAP_FRONT_MAX_IN_FLIGHT']};" in rendered
+    )
+    configmap = k8s("ConfigMap", "endcap-front")["data"]
+    assert configmap == {FRONT_TEMPLATE.name: FRONT_TEMPLATE.read_text()}
+    mounts = {m["name"]: m["mountPath"] for m in front["volumeMounts"]}
+    spec = k8s("Deployment", "endcap")["spec"]["template"]["spec"]
+    (volume,) = [v for v in spec["volumes"] if v.get("configMap", {}).get("name") == "endcap-front"]
+    assert mounts[volume["name"]] == "/etc/nginx/templates"
+    endcap_stop = float(server_container()["lifecycle"]["preStop"]["exec"]["command"][1])
+    front_stop = float(front["lifecycle"]["preStop"]["exec"]["command"][1])
+    assert endcap_stop + settings.grace_s < front_stop < spec["terminationGracePeriodSeconds"]
 
 
 def test_configmap_is_valid_settings() -> None:
@@ -445,6 +484,8 @@ def test_references_between_objects_resolve() -> None:
                 assert ("PersistentVolumeClaim", claim) in names, owner
             if "secret" in volume:
                 assert ("Secret", volume["secret"]["secretName"]) in names, owner
+            if "configMap" in volume:
+                assert ("ConfigMap", volume["configMap"]["name"]) in names, owner
         for container in spec["containers"]:
             for source in container.get("envFrom", []):
                 for kind, key in (("ConfigMap", "configMapRef"), ("Secret", "secretRef")):
@@ -486,7 +527,7 @@ def test_selectors_pick_the_intended_pods() -> None:
 
 
 def test_services_are_headless_and_target_named_ports() -> None:
-    ports = {p["name"] for p in server_container()["ports"]}
+    ports = {p["name"] for p in server_container()["ports"] + front_container()["ports"]}
     grpc_service = k8s("Service", "endcap")["spec"]
     metrics_service = k8s("Service", "endcap-metrics")["spec"]
     assert grpc_service["clusterIP"] == "None"  # client-side round_robin over pod IPs
