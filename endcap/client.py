@@ -51,6 +51,7 @@ __all__ = [
     "DEFAULT_TIMEOUT_S",
     "SERVICE_NAME",
     "AsyncClient",
+    "Boost",
     "Client",
     "Context",
     "DeadlineExceeded",
@@ -65,9 +66,11 @@ __all__ = [
     "Item",
     "NotFound",
     "PermissionDenied",
+    "Pin",
     "Recommendations",
     "Reranked",
     "ResourceExhausted",
+    "Rules",
     "Tracked",
     "Unauthenticated",
     "Unavailable",
@@ -156,6 +159,35 @@ class Diversity:
     level: float = 0.0
     """MMR trade-off in [0, 1]: 0 = pure relevance, 1 = maximal spread."""
     exposure_cap: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class Boost:
+    """Multiply the score of items whose `attribute` ("brand" or "category"; a category
+    matches its sub-categories) equals `value`: factor > 1 boosts, < 1 buries, 0 hides
+    (0..100)."""
+
+    attribute: str
+    value: str
+    factor: float
+
+
+@dataclass(frozen=True, slots=True)
+class Pin:
+    """Put `item_id` at 1-based `position` (if it passes the call's filters)."""
+
+    item_id: str
+    position: int
+
+
+@dataclass(frozen=True, slots=True)
+class Rules:
+    """Per-call merchandising (proto `Rules`), applied on top of the shop's rules. Rules
+    never break the hard filters: a pinned or boosted item that fails them stays out."""
+
+    boosts: Sequence[Boost] = ()
+    pins: Sequence[Pin] = ()
+    blocked_item_ids: Sequence[str] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -587,6 +619,7 @@ def _recommend_request(
     seed_item_ids: str | Sequence[str] = (),
     strategy: str = "",
     diversity: Diversity | None = None,
+    rules: Rules | None = None,
 ) -> pb.RecommendRequest:
     return pb.RecommendRequest(
         context=_context(context),
@@ -602,6 +635,18 @@ def _recommend_request(
             level=diversity.level,
             exposure_cap=diversity.exposure_cap,
         ),
+        rules=None if rules is None else _rules(rules),
+    )
+
+
+def _rules(rules: Rules) -> pb.Rules:
+    return pb.Rules(
+        boosts=[
+            pb.Rules.Boost(attribute=b.attribute, value=b.value, factor=b.factor)
+            for b in rules.boosts
+        ],
+        pins=[pb.Rules.Pin(item_id=p.item_id, position=p.position) for p in rules.pins],
+        blocked_item_ids=_seq(rules.blocked_item_ids, "blocked_item_ids"),
     )
 
 
@@ -753,6 +798,7 @@ class Client(_Base):
         seed_item_ids: str | Sequence[str] = (),
         strategy: str = "",
         diversity: Diversity | None = None,
+        rules: Rules | None = None,
         timeout_s: float | None = None,
         metadata: Sequence[tuple[str, str]] = (),
         **context: Unpack[Context],
@@ -763,10 +809,11 @@ class Client(_Base):
         segment's bestsellers (`personalized` is False), within the filters.
         `placement` (in the context) picks the page's strategy; `seed_item_ids`
         are the items the page is about (the product, the cart); `strategy`
-        names another one, e.g. "product.upsell" or "product.cheaper".
+        names another one, e.g. "product.upsell" or "product.cheaper"; `rules`
+        boosts, buries, pins and blocks items for this call.
         """
         request = _recommend_request(
-            num_results, filters, context, seed_item_ids, strategy, diversity
+            num_results, filters, context, seed_item_ids, strategy, diversity, rules
         )
         try:
             reply = self._stub.Recommend(request, **self._call_args(timeout_s, metadata))
@@ -932,13 +979,14 @@ class AsyncClient(_Base):
         seed_item_ids: str | Sequence[str] = (),
         strategy: str = "",
         diversity: Diversity | None = None,
+        rules: Rules | None = None,
         timeout_s: float | None = None,
         metadata: Sequence[tuple[str, str]] = (),
         **context: Unpack[Context],
     ) -> Recommendations:
         """See `Client.recommend`."""
         request = _recommend_request(
-            num_results, filters, context, seed_item_ids, strategy, diversity
+            num_results, filters, context, seed_item_ids, strategy, diversity, rules
         )
         try:
             reply = await self._stub.Recommend(request, **self._call_args(timeout_s, metadata))

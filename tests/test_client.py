@@ -24,6 +24,7 @@ from conftest import ServerThread, TrainedStore
 from endcap.client import (
     SERVICE_NAME,
     AsyncClient,
+    Boost,
     Client,
     Context,
     DeadlineExceeded,
@@ -33,8 +34,10 @@ from endcap.client import (
     InvalidArgument,
     Item,
     NotFound,
+    Pin,
     Recommendations,
     Reranked,
+    Rules,
     Unavailable,
     channel_options,
     service_config,
@@ -114,6 +117,26 @@ def test_recommend_takes_seeds_strategy_and_diversity(client: Client) -> None:
     home = recommend("home", num_results=10, diversity=Diversity(max_per_category=1))
     categories = [i.category for i in home.items]
     assert len(home) > 1 and len(categories) == len(set(categories))
+
+
+def test_recommend_takes_merchandising_rules(client: Client) -> None:
+    ctx: dict[str, Any] = {"country": "DE", "currency": "EUR", "user_id": "u-client-rules"}
+    plain = client.recommend(num_results=10, **ctx)
+    assert len(plain) >= 4
+    first, second = plain.items[:2]
+    third = next(i for i in plain.items[2:] if i.brand != second.brand)
+    ruled = client.recommend(
+        num_results=10,
+        rules=Rules(
+            pins=[Pin(third.item_id, 1)],
+            blocked_item_ids=[first.item_id],
+            boosts=[Boost("brand", second.brand, 0.0)],  # 0 hides the brand
+        ),
+        **ctx,
+    )
+    assert ruled.items[0].item_id == third.item_id
+    assert first.item_id not in ruled.item_ids
+    assert all(i.brand != second.brand for i in ruled.items if i.item_id != third.item_id)
 
 
 def test_similar_items_never_returns_seeds(client: Client, trained: TrainedStore) -> None:
