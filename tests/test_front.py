@@ -14,7 +14,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from benchmarks.servers import ServerProcess, start_nginx_front
-from conftest import ServerThread
+from conftest import ServerThread, TrainedStore
 from endcap.v1 import recommender_pb2 as pb
 from endcap.v1 import recommender_pb2_grpc as pb_grpc
 
@@ -54,6 +54,31 @@ def test_calls_pass_through_unchanged(
             via.Recommend(pb.RecommendRequest(context=DE, num_results=-1))
         assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
         assert "num_results" in (err.value.details() or "")
+
+
+def test_a_long_event_stream_passes_whole(
+    roomy_front: ServerProcess, trained: TrainedStore
+) -> None:
+    """A gRPC stream is one HTTP request to nginx: its body must not meet nginx's 1 MB
+    default, which would cut a StreamEvents stream after about 10k events."""
+    item = str(trained.dataset.item_ids[1])
+    batches = [
+        pb.StreamEventsRequest(
+            events=[
+                pb.Event(
+                    type=pb.Event.Type.VIEW,
+                    item_id=item,
+                    context=pb.RequestContext(session_id=f"s-front-{b}-{i}", country="DE"),
+                )
+                for i in range(1000)
+            ]
+        )
+        for b in range(40)
+    ]
+    assert sum(b.ByteSize() for b in batches) > 1_500_000
+    with grpc.insecure_channel(roomy_front.target) as ch:
+        reply = pb_grpc.RecommenderStub(ch).StreamEvents(iter(batches), timeout=60)
+    assert reply.accepted == 40_000 and reply.rejected_count == 0
 
 
 def test_reads_beyond_the_bound_are_shed_and_events_are_not(tight_front: ServerProcess) -> None:
