@@ -14,7 +14,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from benchmarks.servers import ServerProcess, start_nginx_front
-from conftest import ServerThread, TrainedStore
+from conftest import ServerThread, TrainedStore, make_settings
 from endcap.v1 import recommender_pb2 as pb
 from endcap.v1 import recommender_pb2_grpc as pb_grpc
 
@@ -79,6 +79,36 @@ def test_a_long_event_stream_passes_whole(
     with grpc.insecure_channel(roomy_front.target) as ch:
         reply = pb_grpc.RecommenderStub(ch).StreamEvents(iter(batches), timeout=60)
     assert reply.accepted == 40_000 and reply.rejected_count == 0
+
+
+def test_api_keys_pass_through(trained: TrainedStore, tmp_path: Path) -> None:
+    """The manifests' pods check API keys behind the front: nginx must forward the
+    key headers, and endcap's refusals must reach the client as they are."""
+    keys = tmp_path / "api-keys"
+    keys.write_text("k-front-read-0123456 read\n")
+    server = ServerThread(make_settings(trained.artifacts, api_keys_file=str(keys)))
+    front = start_nginx_front(server.target, 64)
+    request = pb.RecommendRequest(context=DE, num_results=3)
+    try:
+        with grpc.insecure_channel(front.target) as ch:
+            via = pb_grpc.RecommenderStub(ch)
+            for metadata in (
+                (("authorization", "Bearer k-front-read-0123456"),),
+                (("x-api-key", "k-front-read-0123456"),),
+            ):
+                assert len(via.Recommend(request, metadata=metadata).items) == 3
+            with pytest.raises(grpc.RpcError) as err:
+                via.Recommend(request)
+            assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
+            with pytest.raises(grpc.RpcError) as err:
+                via.DeleteItems(
+                    pb.DeleteItemsRequest(item_ids=["x"]),
+                    metadata=(("x-api-key", "k-front-read-0123456"),),
+                )
+            assert err.value.code() == grpc.StatusCode.PERMISSION_DENIED
+    finally:
+        front.stop()
+        server.close()
 
 
 def test_reads_beyond_the_bound_are_shed_and_events_are_not(tight_front: ServerProcess) -> None:
