@@ -12,7 +12,7 @@ import mmap
 import operator
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any, TypeVar, overload
 
 import numpy as np
 import numpy.typing as npt
@@ -22,6 +22,7 @@ from server.domain.errors import InvalidQuery
 from server.domain.filters import FilterIndex, FilterSpec
 from server.domain.query import Filters
 
+_A = TypeVar("_A", bound=np.generic)
 _BUILD_CHUNK = 8_192  # ids per C call at load (each holds the GIL ~2 ms)
 SMALL_ID_INDEX = 100_000  # up to this many ids, a dict (fastest per id; ~100 B per id)
 
@@ -37,6 +38,16 @@ def compact_ids(ids: npt.NDArray[np.str_]) -> npt.NDArray[np.str_ | np.bytes_]:
         return ids
     out: npt.NDArray[np.bytes_] = codes.astype(np.uint8).reshape(-1).view(f"S{width}")
     return out
+
+
+@overload
+def plain(a: npt.NDArray[_A]) -> npt.NDArray[_A]: ...
+@overload
+def plain(a: None) -> None: ...
+def plain(a: npt.NDArray[Any] | None) -> npt.NDArray[Any] | None:
+    """A memory-mapped array as a plain ndarray over the same pages (no copy): np.memmap's
+    __getitem__ and __array_finalize__ cost ~10-40 us per index on this host."""
+    return a.view(np.ndarray) if isinstance(a, np.memmap) else a
 
 
 def release(array: npt.NDArray[Any]) -> None:
@@ -57,7 +68,7 @@ class IdIndex:
     def __init__(self, ids: npt.NDArray[np.str_ | np.bytes_], small: int = SMALL_ID_INDEX) -> None:
         """`ids` are str, or ASCII ids as bytes (`compact_ids`)."""
         ids = np.asarray(ids)
-        self._ids = ids.view(np.ndarray) if isinstance(ids, np.memmap) else ids
+        self._ids = plain(ids)
         self._bytes = ids.dtype.kind == "S"
         self._n = int(ids.shape[0])
         self._live: dict[str, int] = {}

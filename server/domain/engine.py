@@ -6,14 +6,13 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, overload
 
 import numpy as np
 import numpy.typing as npt
 
 from server.artifact import Artifact
 from server.domain import placement
-from server.domain.catalog import Catalog, IdIndex, ItemUpdate, Rejected, release
+from server.domain.catalog import Catalog, IdIndex, ItemUpdate, Rejected, plain, release
 from server.domain.errors import UnknownItems
 from server.domain.filters import Compiled
 from server.domain.query import (
@@ -90,11 +89,10 @@ class Engine:
         self.catalog = Catalog(artifact, capacity=n + live_capacity)
         self.vectors = Vectors(artifact["item_embeddings"], n + live_capacity)
         self.user_index = IdIndex(artifact["user_ids"])
-        # Plain ndarray views of the memory maps read per request: np.memmap's
-        # __getitem__ and __array_finalize__ cost ~10 us per index on this host.
-        self.user_embeddings = _plain(artifact["user_embeddings"])
-        self.history_indptr = _plain(artifact["user_history_indptr"])
-        self.history_items = _plain(artifact["user_history_items"])
+        # Plain ndarray views of the memory maps read per request (`plain`).
+        self.user_embeddings = plain(artifact["user_embeddings"])
+        self.history_indptr = plain(artifact["user_history_indptr"])
+        self.history_items = plain(artifact["user_history_items"])
         self.history_projection = np.ascontiguousarray(artifact["history_projection"])
         self.context_device = np.ascontiguousarray(artifact["context_device"])
         self.context_country = np.ascontiguousarray(artifact["context_country"])
@@ -106,11 +104,11 @@ class Engine:
         # A sequential encoder replaces P @ mean(history) with a read of the history in order.
         self.encoder = None if artifact.encoder is None else Encoder.of(artifact.encoder)
         optional = artifact.arrays
-        self.user_orders = _plain(optional.get("user_orders"))
-        self.user_monetary = _plain(optional.get("user_monetary"))
-        self.user_last_purchase_s = _plain(optional.get("user_last_purchase_s"))
+        self.user_orders = plain(optional.get("user_orders"))
+        self.user_monetary = plain(optional.get("user_monetary"))
+        self.user_last_purchase_s = plain(optional.get("user_last_purchase_s"))
         self.copurchase = (
-            (_plain(optional["copurchase_indptr"]), _plain(optional["copurchase_items"]))
+            (plain(optional["copurchase_indptr"]), plain(optional["copurchase_items"]))
             if "copurchase_indptr" in optional
             else None
         )
@@ -118,7 +116,7 @@ class Engine:
             self.vectors,
             artifact.index,
             artifact["item_popularity"],
-            _plain(artifact["segment_top_items"]),
+            plain(artifact["segment_top_items"]),
             tuning or SearchTuning(),
         )
         # Columns copied above: drop their mapped pages from this process (~25 MB at 1M).
@@ -440,15 +438,6 @@ class Engine:
 
 
 _DEVICE_NAMES = ("*", "mobile", "tablet", "desktop")
-
-
-@overload
-def _plain(a: npt.NDArray[Any]) -> npt.NDArray[Any]: ...
-@overload
-def _plain(a: None) -> None: ...
-def _plain(a: npt.NDArray[Any] | None) -> npt.NDArray[Any] | None:
-    """A memory-mapped array as a plain ndarray over the same pages (no copy)."""
-    return a.view(np.ndarray) if isinstance(a, np.memmap) else a
 
 
 _COPIED_AT_LOAD = (

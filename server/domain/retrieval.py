@@ -29,6 +29,7 @@ import faiss
 import numpy as np
 import numpy.typing as npt
 
+from server.domain.catalog import plain
 from server.domain.filters import Compiled, Partitions, n_words, test_ids, to_ids
 from server.domain.ranking import top_k
 
@@ -72,8 +73,7 @@ class Vectors:
     """Item embeddings: the artifact's (memory-mapped) rows, then rows added live."""
 
     def __init__(self, base: npt.NDArray[np.float32], capacity: int) -> None:
-        # A plain ndarray view of a memmap: np.memmap.__getitem__ costs ~40 us per call.
-        self.base = base.view(np.ndarray) if isinstance(base, np.memmap) else base
+        self.base = plain(base)
         self.n_base = int(base.shape[0])
         self.n = self.n_base
         self.dim = int(base.shape[1])
