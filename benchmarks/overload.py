@@ -37,13 +37,8 @@ import json
 import multiprocessing
 import os
 import platform
-import shutil
-import signal
-import socket
-import subprocess
 import sys
 import tempfile
-import time
 from collections import Counter
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -52,9 +47,14 @@ from typing import Any
 import grpc
 import numpy as np
 
-from benchmarks.servers import Sampler, start_nginx_front
+from benchmarks.servers import (
+    Sampler,
+    ServerProcess,
+    start_endcap,
+    start_nginx_front,
+    wait_serving,
+)
 
-ROOT = Path(__file__).resolve().parents[1]
 SERVICE = "/endcap.v1.Recommender/"
 
 
@@ -203,13 +203,6 @@ def _cpu_split(spec: str) -> tuple[set[int], set[int]]:
 
 
 # The server process.
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
-
-
 def _rss_mb(pid: int) -> float:
     try:
         for line in Path(f"/proc/{pid}/status").read_text().splitlines():
@@ -218,25 +211,6 @@ def _rss_mb(pid: int) -> float:
     except OSError:
         pass
     return 0.0
-
-
-def _serving(target: str, timeout_s: float = 120.0) -> bool:
-    from grpc_health.v1 import health_pb2, health_pb2_grpc
-
-    deadline = time.monotonic() + timeout_s
-    with grpc.insecure_channel(target) as channel:
-        stub = health_pb2_grpc.HealthStub(channel)
-        while time.monotonic() < deadline:
-            try:
-                reply = stub.Check(
-                    health_pb2.HealthCheckRequest(service="endcap.v1.Recommender"), timeout=2
-                )
-                if reply.status == health_pb2.HealthCheckResponse.SERVING:
-                    return True
-            except grpc.RpcError:
-                pass
-            time.sleep(0.2)
-    return False
 
 
 def _train(out: Path) -> Path:
@@ -249,36 +223,24 @@ def _train(out: Path) -> Path:
 
 
 def _start_server(
-    artifacts: Path, args: argparse.Namespace, log: Path, queue_target_s: float, cpus: set[int]
-) -> tuple[subprocess.Popen[bytes], str]:
-    port = _free_port()
-    env = os.environ | {
+    artifacts: Path, args: argparse.Namespace, log_dir: Path, queue_target_s: float, cpus: set[int]
+) -> ServerProcess:
+    env = {
         "ENDCAP_MAX_IN_FLIGHT": str(args.max_in_flight),
         "ENDCAP_QUEUE_TARGET_S": str(queue_target_s),
-        "ENDCAP_LOG_LEVEL": "WARNING",
     }
     if args.redis_url:  # shared state: handlers wait on Redis, so calls overlap
         env |= {"ENDCAP_STATE_BACKEND": "redis", "ENDCAP_REDIS_URL": args.redis_url}
-    cmd = [sys.executable, "-m", "endcap.cli", "serve", "--artifacts", str(artifacts)]
-    cmd += ["--host", "127.0.0.1", "--port", str(port), "--metrics-port", "0"]
-    if cpus and shutil.which("taskset"):
-        cmd = ["taskset", "-c", ",".join(map(str, sorted(cpus))), *cmd]
-    with log.open("w") as out:
-        server = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
-    target = f"127.0.0.1:{port}"
-    if not _serving(target):
-        _stop(server)
-        raise SystemExit(f"server did not start; see {log}")
-    return server, target
+    return start_endcap(artifacts, env=env, log_dir=log_dir, cpus=cpus, timeout_s=120)
 
 
-def _stop(server: subprocess.Popen[bytes]) -> int:
-    server.send_signal(signal.SIGTERM)
+def _still_serving(server: ServerProcess, target: str) -> bool:
+    """The server process is alive and `target` (it, or the front) reports SERVING."""
     try:
-        return server.wait(timeout=30)
-    except subprocess.TimeoutExpired:
-        server.kill()
-        return server.wait()
+        wait_serving(target, 10, server.proc)
+    except (RuntimeError, TimeoutError):
+        return False
+    return True
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -290,9 +252,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     server_cpus, client_cpus = _cpu_split(args.cpus)
     with ctx.Pool(args.workers, initializer=_pin, initargs=(client_cpus,)) as pool:
 
-        def phase(
-            server: subprocess.Popen[bytes], target: str, name: str, mode: str, rate: float
-        ) -> Phase:
+        def phase(server: ServerProcess, target: str, name: str, mode: str, rate: float) -> Phase:
             duration_s = 2.0 if name == "warmup" else args.duration_s
             per = (target, requests, mode, rate / args.workers, args.callers, duration_s)
             with Sampler(lambda: _rss_mb(server.pid), 0.1) as rss:
@@ -324,16 +284,16 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             return p
 
         # Capacity, on a server that never sheds: the most it can answer.
-        server, target = _start_server(artifacts, args, tmp / "capacity.log", 0.0, server_cpus)
+        server = _start_server(artifacts, args, tmp, 0.0, server_cpus)
+        target = server.target
         try:
             phase(server, target, "warmup", "closed", 0)
             capacity = phase(server, target, "capacity", "closed", 0).ok_qps
         finally:
-            _stop(server)
+            server.stop(30)
         # Everything else on a server with the shedding under test.
-        server, target = _start_server(
-            artifacts, args, tmp / "server.log", args.queue_target_ms / 1000, server_cpus
-        )
+        server = _start_server(artifacts, args, tmp, args.queue_target_ms / 1000, server_cpus)
+        target = server.target
         front = None
         try:
             if args.front:
@@ -345,12 +305,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             phase(server, target, "nominal", "open", capacity)
             phase(server, target, "overload", "open", capacity * args.factor)
             phase(server, target, "recovery", "open", capacity / 4)
-            alive = server.poll() is None and _serving(target, 10)
+            alive = _still_serving(server, target)
             rss_after = _rss_mb(server.pid)
         finally:
             if front is not None:
                 front.stop()
-            exit_code = _stop(server)
+            exit_code = server.stop(30)
     by = {p.name: p for p in phases}
     summary = {
         "front": f"{args.front} (max {args.front_max_in_flight} reads in flight)"

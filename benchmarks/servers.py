@@ -90,7 +90,8 @@ class ServerProcess:
     def pid(self) -> int:
         return self.proc.pid
 
-    def stop(self, timeout_s: float = 15.0) -> None:
+    def stop(self, timeout_s: float = 15.0) -> int:
+        """SIGTERM the process group (SIGKILL after `timeout_s`); the exit code."""
         if self.proc.poll() is None:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(self.proc.pid, signal.SIGTERM)
@@ -100,6 +101,7 @@ class ServerProcess:
                 with contextlib.suppress(ProcessLookupError):
                     os.killpg(self.proc.pid, signal.SIGKILL)
                 self.proc.wait(timeout=5)
+        return self.proc.returncode
 
     def memory(self) -> dict[str, float]:
         return tree_memory(self.proc.pid)
@@ -112,8 +114,10 @@ def start_endcap(
     env: Mapping[str, str] | None = None,
     timeout_s: float = 600.0,
     log_dir: Path | None = None,
+    cpus: set[int] | None = None,
 ) -> ServerProcess:
-    """`endcap serve` on a free loopback port (plus one metrics port per worker)."""
+    """`endcap serve` on a free loopback port (plus one metrics port per worker), pinned
+    to `cpus` if given."""
     port = free_port()
     metrics = free_ports(workers)
     full_env = dict(os.environ)
@@ -133,7 +137,7 @@ def start_endcap(
     started = time.perf_counter()
     with log.open("wb") as fh:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "endcap.cli", "serve"],
+            _pinned([sys.executable, "-m", "endcap.cli", "serve"], cpus),
             env=full_env,
             stdout=fh,
             stderr=subprocess.STDOUT,
@@ -157,6 +161,13 @@ def start_endcap(
         raise RuntimeError(f"endcap serve failed; log:\n{log.read_text()[-4000:]}") from None
     server.ready_s = time.perf_counter() - started
     return server
+
+
+def _pinned(cmd: list[str], cpus: set[int] | None) -> list[str]:
+    """`cmd` run on `cpus` (taskset execs it: same pid); unchanged without taskset."""
+    if cpus and shutil.which("taskset"):
+        return ["taskset", "-c", ",".join(map(str, sorted(cpus))), *cmd]
+    return cmd
 
 
 def _wait_workers(server: ServerProcess, workers: int, timeout_s: float) -> None:
@@ -243,10 +254,11 @@ def start_nginx_front(
     )
     log = prefix / "error.log"
     cmd = [nginx, "-p", str(prefix), "-c", str(conf), "-e", str(log), "-g", "daemon off;"]
-    if cpus and shutil.which("taskset"):
-        cmd = ["taskset", "-c", ",".join(map(str, sorted(cpus))), *cmd]
     proc = subprocess.Popen(
-        cmd, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT, start_new_session=True
+        _pinned(cmd, cpus),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
     )
     front = ServerProcess(name="nginx front", proc=proc, target=target, log=log)
     try:
