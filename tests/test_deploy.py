@@ -411,6 +411,16 @@ def test_probes_call_the_grpc_health_service_on_the_serving_port() -> None:
         assert container[probe]["grpc"] == {"port": settings.port, "service": SERVICE_NAME}
 
 
+def test_the_front_sheds_exactly_the_servers_read_methods() -> None:
+    """The template names the read methods itself (nginx cannot ask the server): it
+    must list the ones the server treats as reads, no more, no fewer."""
+    from benchmarks.servers import FRONT_TEMPLATE
+    from server.transport.auth import METHOD_ROLES
+
+    (listed,) = re.findall(r"Recommender/\(([A-Za-z|]+)\)\$", FRONT_TEMPLATE.read_text())
+    assert set(listed.split("|")) == {m for m, role in METHOD_ROLES.items() if role == "read"}
+
+
 def test_the_front_listens_where_clients_dial_and_forwards_to_endcap() -> None:
     """The headless Service hands clients pod IPs, so they reach the container port
     itself: the front must own 50051 and forward to endcap's own port; its ConfigMap
