@@ -38,6 +38,7 @@ from server.state.catalog_feed import CatalogFeed, Change, FeedUnavailable
 from server.state.eventlog import EventLog
 from server.state.store import StateStore
 from server.transport import validate
+from server.transport.auth import METHOD_ROLES
 from server.transport.budget import BudgetPolicy, popular_fallback, similar_fallback
 from server.transport.validate import InvalidRequest
 
@@ -52,7 +53,7 @@ UPSERT_CHUNK = 16
 UPSERT_SLICE_S = 0.002
 UPSERT_PAUSE_S = 0.002
 UPSERT_MAX_WAIT_S = 0.02
-_READS = frozenset({"Recommend", "Rerank", "SimilarItems", "Popular", "RecentlyViewed"})
+_READS = frozenset(m for m, role in METHOD_ROLES.items() if role == "read")
 _ADD_TO_CART, _PURCHASE = pb.Event.ADD_TO_CART, pb.Event.PURCHASE
 
 
