@@ -231,6 +231,9 @@ class Recommendations:
     """The placement strategy that produced a Recommend answer, e.g. "product.upsell"."""
     shopper_segment: str = ""
     """Recommend only: "new_visitor", "returning_visitor", "customer" or "vip"."""
+    traffic_source: str = ""
+    """Recommend only: the context's traffic source as the strategy matched it
+    (trimmed, lower case)."""
 
     @property
     def item_ids(self) -> list[str]:
@@ -595,6 +598,7 @@ def _recommend_fields(reply: pb.RecommendResponse | pb.SimilarItemsResponse) -> 
     return {
         "strategy": reply.strategy,
         "shopper_segment": "" if reply.shopper_segment == 0 else segment.lower(),
+        "traffic_source": reply.traffic_source,
     }
 
 

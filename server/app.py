@@ -59,6 +59,17 @@ def load_engine(settings: Settings, path: Path | None = None) -> Engine:
     )
     strategies = load_strategies(Path(settings.strategies) if settings.strategies else None)
     engine = Engine(artifact, tuning, live_capacity=settings.live_capacity, strategies=strategies)
+    rules = engine.segment_rules
+    log.info(
+        "VIP rule: %d+ orders (%s) or %.2f %s spent (%s), last purchase within %.1f days (%s)",
+        rules.vip_min_orders,
+        rules.origin["vip_min_orders"],
+        rules.vip_min_monetary,
+        artifact.manifest.base_currency,
+        rules.origin["vip_min_monetary"],
+        rules.vip_max_recency_days,
+        rules.origin["vip_max_recency_days"],
+    )
     try:
         engine.smoke_test()
     except (ValueError, IndexError) as exc:

@@ -107,8 +107,11 @@ def test_recommend_takes_seeds_strategy_and_diversity(client: Client) -> None:
         )
 
     seed = recommend("product", num_results=1).items[0]
-    up = recommend("product", seed_item_ids=seed.item_id, strategy="product.upsell")
+    up = recommend(
+        "product", seed_item_ids=seed.item_id, strategy="product.upsell", traffic_source="Email"
+    )
     assert up.strategy == "product.upsell" and up.shopper_segment == "new_visitor"
+    assert up.traffic_source == "email"
     assert len(up) > 0 and seed.item_id not in up.item_ids
     for item in up.items:
         assert item.category == seed.category

@@ -73,3 +73,22 @@ def test_requests_latency_and_provenance_are_exposed(
     assert after["endcap_model_created_timestamp_seconds"][()] > 1.6e9
     plans = {dict(k)["plan"] for k in after["endcap_retrieval_seconds_count"]}
     assert "popularity" in plans
+
+
+def test_recommendations_are_counted_by_strategy_segment_and_bounded_source(
+    stub: pb_grpc.RecommenderStub, metrics_url: str
+) -> None:
+    def count(source: str) -> float:
+        key = (("segment", "new_visitor"), ("source", source), ("strategy", "home"))
+        return scrape(metrics_url).get("endcap_recommendations_total", {}).get(key, 0.0)
+
+    before = {s: count(s) for s in ("social", "other", "none")}
+    for source in ("Social", "newsletter-42", "", "coupon-site"):
+        ctx = pb.RequestContext(country="DE", placement=pb.RequestContext.HOME)
+        ctx.traffic_source = source
+        stub.Recommend(pb.RecommendRequest(context=ctx, num_results=3))
+    assert count("social") == before["social"] + 1  # named by the default home strategy
+    assert count("other") == before["other"] + 2  # free-form sources share one label
+    assert count("none") == before["none"] + 1
+    sources = {dict(k)["source"] for k in scrape(metrics_url)["endcap_recommendations_total"]}
+    assert not sources & {"newsletter-42", "coupon-site"}

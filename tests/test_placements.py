@@ -289,6 +289,71 @@ def test_vip_and_new_visitor_are_treated_differently(
     )
 
 
+def test_vip_threshold_is_learned_from_the_trained_shoppers(
+    stub: pb_grpc.RecommenderStub, trained: TrainedStore
+) -> None:
+    from server.artifact import load_artifact
+    from server.domain.strategy import SegmentRules, learn_segment_rules
+
+    art = load_artifact(trained.artifacts)
+    learned = learn_segment_rules(
+        art["user_orders"], art["user_monetary"], art["user_last_purchase_s"]
+    )
+    assert learned is not None
+    # One order short of the learned bar must still be VIP under the default rule,
+    # or this test could not tell the two apart.
+    assert learned.vip_min_orders - 1 >= SegmentRules().vip_min_orders
+    ok = np.flatnonzero(de_items(trained))
+    ids = trained.dataset.item_ids
+
+    def segment_after(orders: int) -> pb.ShopperSegment.ValueType:
+        ctx = C(session_id=f"frequent-{orders}", country="DE", placement=C.HOME)
+        buys = [
+            pb.Event(type=E.PURCHASE, item_id=str(ids[ok[i]]), price=1.0, context=ctx)
+            for i in range(orders)
+        ]
+        stub.TrackEvents(pb.TrackEventsRequest(events=buys))
+        return stub.Recommend(pb.RecommendRequest(context=ctx, num_results=5)).shopper_segment
+
+    assert segment_after(learned.vip_min_orders - 1) == pb.CUSTOMER
+    assert segment_after(learned.vip_min_orders) == pb.VIP
+
+
+def test_traffic_source_reshapes_the_blend(
+    trained: TrainedStore, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    shop = tmp_path_factory.mktemp("shop") / "strategies.toml"
+    shop.write_text(
+        "[strategy.home]\n"
+        "source_weights = { paid_search = { personal = 0.0 }, email = { segment_bestsellers = 0.0, trending = 0.0 } }\n"
+    )
+    srv = ServerThread(make_settings(trained.artifacts, strategies=str(shop)))
+    try:
+        with grpc.insecure_channel(srv.target) as channel:
+            stub = pb_grpc.RecommenderStub(channel)
+            user = str(trained.dataset.user_ids[4])
+
+            def home(source: str) -> pb.RecommendResponse:
+                ctx = C(user_id=user, country="DE", placement=C.HOME, traffic_source=source)
+                return stub.Recommend(pb.RecommendRequest(context=ctx, num_results=20))
+
+            popular = {pb.RecommendedItem.SEGMENT_POPULARITY, pb.RecommendedItem.GLOBAL_POPULARITY}
+            plain, ads, email = home(""), home(" Paid_Search"), home("EMAIL")
+            assert (plain.traffic_source, ads.traffic_source, email.traffic_source) == (
+                "",
+                "paid_search",
+                "email",
+            )
+            assert all(i.provenance in popular for i in ads.items)
+            assert not any(i.provenance in popular for i in email.items)
+            mixed = [i.provenance in popular for i in plain.items]
+            assert any(mixed) and not all(mixed)
+            assert home("organic").traffic_source == "organic"
+            assert [i.item_id for i in home("organic").items] == [i.item_id for i in plain.items]
+    finally:
+        srv.close()
+
+
 def test_mobile_home_shows_more_bestsellers(
     stub: pb_grpc.RecommenderStub, trained: TrainedStore
 ) -> None:

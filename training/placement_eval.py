@@ -217,7 +217,11 @@ def _bestsellers_only(strategies: Strategies) -> Strategies:
         strategies,
         strategies={
             name: dataclasses.replace(
-                s, retrievers={"segment_bestsellers": 1.0}, device_weights={}, segment_weights={}
+                s,
+                retrievers={"segment_bestsellers": 1.0},
+                device_weights={},
+                segment_weights={},
+                source_weights={},
             )
             for name, s in strategies.strategies.items()
         },

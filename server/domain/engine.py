@@ -32,7 +32,7 @@ from server.domain.query import (
 from server.domain.ranking import top_k
 from server.domain.retrieval import Provenance, Results, Retriever, SearchTuning, Vectors
 from server.domain.sequence import Encoder
-from server.domain.strategy import Strategies
+from server.domain.strategy import Strategies, learn_segment_rules
 from server.domain.strategy import load as load_strategies
 
 # Event kinds (Event.Type values in the proto).
@@ -58,6 +58,7 @@ class Answer:
     reason_items: tuple[str, ...] = ()
     strategy: str = ""
     shopper_segment: str = ""
+    traffic_source: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -107,6 +108,14 @@ class Engine:
         self.user_orders = plain(optional.get("user_orders"))
         self.user_monetary = plain(optional.get("user_monetary"))
         self.user_last_purchase_s = plain(optional.get("user_last_purchase_s"))
+        learned = None
+        if self.user_orders is not None:
+            assert self.user_monetary is not None and self.user_last_purchase_s is not None
+            learned = learn_segment_rules(
+                self.user_orders, self.user_monetary, self.user_last_purchase_s
+            )
+        # VIP thresholds: the shop's, else learned from the trained shoppers, else defaults.
+        self.segment_rules = self.strategies.segment_rules(learned)
         self.copurchase = (
             (plain(optional["copurchase_indptr"]), plain(optional["copurchase_items"]))
             if "copurchase_indptr" in optional
@@ -217,6 +226,7 @@ class Engine:
             reason_items=placed.reason_items,
             strategy=placed.strategy,
             shopper_segment=placed.shopper_segment,
+            traffic_source=placed.traffic_source,
         )
 
     def popular(self, query: PopularQuery, live: Sequence[str]) -> Answer:

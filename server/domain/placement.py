@@ -24,7 +24,7 @@ from server.domain.exposure import demote
 from server.domain.filters import Compiled
 from server.domain.query import Profile, RecommendQuery, segment_key
 from server.domain.retrieval import Provenance, Results
-from server.domain.strategy import Strategies, Strategy
+from server.domain.strategy import Strategies, Strategy, traffic_source
 
 if TYPE_CHECKING:
     from server.domain.engine import Blend, Engine
@@ -45,6 +45,8 @@ class Plan:
     seeds: tuple[str, ...]
     seed_rows: npt.NDArray[np.int64]
     shopper_segment: str
+    traffic_source: str  # as strategies key it ("" = none)
+    weights: Mapping[str, float]  # retriever -> weight for this device, segment and source
     live_keys: Mapping[str, tuple[str, ...]]  # retriever -> store keys to read
 
 
@@ -57,6 +59,7 @@ class Placed:
     reason_items: tuple[str, ...]
     strategy: str
     shopper_segment: str
+    traffic_source: str
     personalized: bool
 
 
@@ -77,9 +80,7 @@ class _Candidates:
                 self.best[row] = (contribution, name, p)
 
 
-def shopper_segment(
-    engine: Engine, strategies: Strategies, user_row: int | None, profile: Profile, now_s: float
-) -> str:
+def shopper_segment(engine: Engine, user_row: int | None, profile: Profile, now_s: float) -> str:
     orders, monetary, last = profile.orders, profile.monetary, profile.last_purchase_s
     if user_row is not None and engine.user_orders is not None:
         orders += int(engine.user_orders[user_row])
@@ -87,7 +88,7 @@ def shopper_segment(
         last = max(last, float(engine.user_last_purchase_s[user_row]))  # type: ignore[index]
     recency_days = (now_s - last) / 86_400.0 if last else float("inf")
     has_history = bool(profile.recent or profile.cart or profile.purchased)
-    return strategies.segments.classify(
+    return engine.segment_rules.classify(
         known=user_row is not None,
         has_history=has_history,
         orders=orders,
@@ -124,8 +125,9 @@ def plan(
         seeds = tuple(s for s, r in zip(source, rows, strict=True) if r >= 0)
         rows = rows[rows >= 0]
     user_row = engine.user_row(ctx, profile)
-    segment = shopper_segment(engine, strategies, user_row, profile, now_s)
-    weights = strategy.weights(ctx.device, segment)
+    segment = shopper_segment(engine, user_row, profile, now_s)
+    traffic = traffic_source(ctx.traffic_source)
+    weights = strategy.weights(ctx.device, segment, traffic)
     device = ("*", "mobile", "tablet", "desktop")[ctx.device] if ctx.device else "*"
     keys: dict[str, tuple[str, ...]] = {}
     if "segment_bestsellers" in weights or "personal" in weights:
@@ -134,7 +136,7 @@ def plan(
         keys["trending"] = (segment_key(ctx.country, device),)
     if "also_bought" in weights and seeds:
         keys["also_bought"] = tuple(f"co|{s}" for s in seeds[:10])
-    return Plan(strategy, seeds, rows.astype(np.int64), segment, keys)
+    return Plan(strategy, seeds, rows.astype(np.int64), segment, traffic, weights, keys)
 
 
 def constrain(
@@ -194,7 +196,7 @@ def execute(
     ctx = query.context
     st = plan.strategy
     k = query.k
-    weights = st.weights(ctx.device, plan.shopper_segment)
+    weights = plan.weights
     pool = max(3 * k, 30)
     q, personal = engine.encode(ctx, profile, now_s, blend)
     lists: list[tuple[str, Results, float]] = []
@@ -292,6 +294,7 @@ def execute(
         reason_items,
         st.name,
         plan.shopper_segment,
+        plan.traffic_source,
         personal or bool(seeds.size),
     )
 

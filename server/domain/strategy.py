@@ -7,12 +7,17 @@ Strategy and executes it.
 
 from __future__ import annotations
 
+import math
+import re
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 from typing import Any
+
+import numpy as np
+import numpy.typing as npt
 
 RETRIEVERS = ("personal", "content_similar", "also_bought", "segment_bestsellers", "trending")
 SEED_SOURCES = ("request", "cart", "purchased", "recent")
@@ -24,6 +29,15 @@ PLACEMENTS = (
     "SEARCH", "POST_PURCHASE",
 )  # fmt: skip
 BOOST_ATTRIBUTES = ("brand", "category")
+# A traffic source as strategies name it and requests are matched: lower case
+# letters, digits, "_" and "-" (requests are lower-cased and trimmed first).
+_SOURCE_NAME = re.compile(r"[a-z0-9][a-z0-9_-]{0,63}")
+SEGMENT_KEYS = ("vip_min_orders", "vip_min_monetary", "vip_max_recency_days")
+# Learned VIP rule: the top fifth of customers by orders or by money spent, among
+# the more recent half by last purchase; learned only from this many customers up.
+_VIP_QUANTILE = 0.8
+_RECENT_QUANTILE = 0.5
+_MIN_CUSTOMERS_TO_LEARN = 50
 
 
 class StrategyConfigError(ValueError):
@@ -43,6 +57,7 @@ class Strategy:
     retrievers: Mapping[str, float]
     device_weights: Mapping[str, Mapping[str, float]] = field(default_factory=dict)
     segment_weights: Mapping[str, Mapping[str, float]] = field(default_factory=dict)
+    source_weights: Mapping[str, Mapping[str, float]] = field(default_factory=dict)
     seeds: str = "request"
     same_category: bool = False
     price_ratio: tuple[float, float] | None = None
@@ -54,12 +69,13 @@ class Strategy:
     diversity: float = 0.0
     exposure_cap: int = 0  # demote items shown this many times without engagement; 0 = off
 
-    def weights(self, device: int, segment: str) -> dict[str, float]:
-        """Retriever weights for this device and shopper segment."""
+    def weights(self, device: int, segment: str, source: str = "") -> dict[str, float]:
+        """Retriever weights for this device, shopper segment and traffic source."""
         out = dict(self.retrievers)
         for mult in (
             self.device_weights.get(DEVICE_NAMES[device], {}),
             self.segment_weights.get(segment, {}),
+            self.source_weights.get(source, {}),
         ):
             for name, factor in mult.items():
                 if name in out:
@@ -67,11 +83,23 @@ class Strategy:
         return {k: v for k, v in out.items() if v > 0}
 
 
+def traffic_source(raw: str) -> str:
+    """A request's traffic source as strategies key it: trimmed, lower case."""
+    return raw.strip().lower()
+
+
 @dataclass(frozen=True, slots=True)
 class SegmentRules:
+    """The VIP rule: (orders >= vip_min_orders or money spent >= vip_min_monetary)
+    and last purchase within vip_max_recency_days. `origin` says where each value
+    came from: "default", "learned" (from the artifact's shoppers) or "configured"."""
+
     vip_min_orders: int = 3
     vip_min_monetary: float = 300.0
     vip_max_recency_days: float = 120.0
+    origin: Mapping[str, str] = field(
+        default_factory=lambda: dict.fromkeys(SEGMENT_KEYS, "default")
+    )
 
     def classify(
         self, *, known: bool, has_history: bool, orders: int, monetary: float, recency_days: float
@@ -85,13 +113,57 @@ class SegmentRules:
         return "returning_visitor" if known or has_history else "new_visitor"
 
 
+def learn_segment_rules(
+    orders: npt.NDArray[Any], monetary: npt.NDArray[Any], last_purchase_s: npt.NDArray[Any]
+) -> SegmentRules | None:
+    """VIP thresholds from trained shoppers' purchases (RFM): the top fifth of customers
+    by orders or by money, among the more recent half (recency counted from the last
+    purchase in the data). None with fewer than 50 customers to learn from."""
+    bought = np.asarray(orders) > 0
+    if int(bought.sum()) < _MIN_CUSTOMERS_TO_LEARN:
+        return None
+    n = np.asarray(orders)[bought]
+    spent = np.asarray(monetary, dtype=np.float64)[bought]
+    last = np.asarray(last_purchase_s, dtype=np.float64)[bought]
+    recency_days = (last.max() - last) / 86_400.0
+    return SegmentRules(
+        vip_min_orders=max(2, math.ceil(float(np.quantile(n, _VIP_QUANTILE)))),
+        vip_min_monetary=round(float(np.quantile(spent, _VIP_QUANTILE)), 2),
+        vip_max_recency_days=max(1.0, round(float(np.quantile(recency_days, _RECENT_QUANTILE)), 1)),
+        origin=dict.fromkeys(SEGMENT_KEYS, "learned"),
+    )
+
+
 @dataclass(frozen=True, slots=True)
 class Strategies:
     strategies: Mapping[str, Strategy]
     placements: Mapping[str, str]
-    segments: SegmentRules = SegmentRules()
+    segments: Mapping[str, float] = field(default_factory=dict)  # configured SEGMENT_KEYS
     boosts: tuple[Boost, ...] = ()
     blocked_item_ids: tuple[str, ...] = ()
+
+    def source_label(self, source: str) -> str:
+        """A traffic source as a metric label: sources a strategy names, else "other"
+        ("none" when unset), so shops' free-form sources cannot grow the label set."""
+        if not source:
+            return "none"
+        named = any(source in s.source_weights for s in self.strategies.values())
+        return source if named else "other"
+
+    def segment_rules(self, learned: SegmentRules | None = None) -> SegmentRules:
+        """The VIP rule: each threshold as configured, else learned, else the default."""
+        base = learned or SegmentRules()
+        values: dict[str, Any] = {k: getattr(base, k) for k in SEGMENT_KEYS}
+        origin = dict(base.origin)
+        for key, value in self.segments.items():
+            values[key] = value
+            origin[key] = "configured"
+        return SegmentRules(
+            vip_min_orders=int(values["vip_min_orders"]),
+            vip_min_monetary=float(values["vip_min_monetary"]),
+            vip_max_recency_days=float(values["vip_max_recency_days"]),
+            origin=origin,
+        )
 
     def for_request(self, placement: int, name: str) -> Strategy:
         """The named strategy, else the placement's default. Raises KeyError naming it."""
@@ -119,14 +191,22 @@ def _weights(raw: Any, where: str) -> dict[str, float]:
     return out
 
 
-def _nested(raw: Any, where: str, keys: tuple[str, ...]) -> dict[str, dict[str, float]]:
+def _nested(
+    raw: Any, where: str, keys: tuple[str, ...] | re.Pattern[str]
+) -> dict[str, dict[str, float]]:
+    """{key: retriever weights} where keys are a known set, or names matching a pattern."""
     if raw is None:
         return {}
     if not isinstance(raw, Mapping):
         raise StrategyConfigError(f"{where}: must be a table")
     out = {}
     for key, value in raw.items():
-        if key not in keys:
+        if isinstance(keys, re.Pattern):
+            if not keys.fullmatch(key):
+                raise StrategyConfigError(
+                    f"{where}: {key!r} must be lower case letters, digits, _ or -"
+                )
+        elif key not in keys:
             raise StrategyConfigError(f"{where}: unknown key {key!r} (known: {', '.join(keys)})")
         out[key] = _weights(value, f"{where}.{key}")
     return out
@@ -135,7 +215,8 @@ def _nested(raw: Any, where: str, keys: tuple[str, ...]) -> dict[str, dict[str, 
 def _strategy(name: str, raw: Mapping[str, Any]) -> Strategy:
     where = f"strategy.{name}"
     known = {
-        "retrievers", "device_weights", "segment_weights", "seeds", "same_category",
+        "retrievers", "device_weights", "segment_weights", "source_weights", "seeds",
+        "same_category",
         "price_ratio", "complementary", "exclude_cart", "exclude_purchased",
         "max_per_category", "max_per_brand", "diversity", "exposure_cap",
     }  # fmt: skip
@@ -168,6 +249,7 @@ def _strategy(name: str, raw: Mapping[str, Any]) -> Strategy:
         segment_weights=_nested(
             raw.get("segment_weights"), f"{where}.segment_weights", SHOPPER_SEGMENTS
         ),
+        source_weights=_nested(raw.get("source_weights"), f"{where}.source_weights", _SOURCE_NAME),
         seeds=seeds,
         same_category=bool(raw.get("same_category", False)),
         price_ratio=ratio,
@@ -204,7 +286,7 @@ def parse(raw: Mapping[str, Any], base: Mapping[str, Any] | None = None) -> Stra
             raise StrategyConfigError(f"placements.{placement}: unknown placement")
         if name not in strategies:
             raise StrategyConfigError(f"placements.{placement}: unknown strategy {name!r}")
-    seg = merged.get("segments", {})
+    segments = _segments(merged.get("segments", {}))
     rules = merged.get("rules", {})
     boosts = []
     for i, b in enumerate(rules.get("boost", [])):
@@ -217,14 +299,27 @@ def parse(raw: Mapping[str, Any], base: Mapping[str, Any] | None = None) -> Stra
     return Strategies(
         strategies=strategies,
         placements=placements,
-        segments=SegmentRules(
-            vip_min_orders=int(seg.get("vip_min_orders", 3)),
-            vip_min_monetary=float(seg.get("vip_min_monetary", 300.0)),
-            vip_max_recency_days=float(seg.get("vip_max_recency_days", 120.0)),
-        ),
+        segments=segments,
         boosts=tuple(boosts),
         blocked_item_ids=tuple(str(i) for i in rules.get("blocked_item_ids", [])),
     )
+
+
+def _segments(raw: Any) -> dict[str, float]:
+    """The VIP thresholds a file sets (the rest are learned or default)."""
+    if not isinstance(raw, Mapping):
+        raise StrategyConfigError("segments: must be a table")
+    out = {}
+    for key, value in raw.items():
+        if key not in SEGMENT_KEYS:
+            known = ", ".join(SEGMENT_KEYS)
+            raise StrategyConfigError(f"segments: unknown key {key!r} (known: {known})")
+        if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
+            raise StrategyConfigError(f"segments.{key}: must be a number >= 0, got {value!r}")
+        if key == "vip_min_orders" and value != int(value):
+            raise StrategyConfigError(f"segments.{key}: must be a whole number, got {value!r}")
+        out[key] = float(value)
+    return out
 
 
 def defaults_raw() -> dict[str, Any]:

@@ -129,6 +129,13 @@ class Metrics:
             buckets=(0.001, 0.0025, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5),
             registry=registry,
         )
+        self.recommendations = Counter(
+            "endcap_recommendations_total",
+            "Recommend answers per strategy, shopper segment and traffic source (sources "
+            "no strategy names count as other, none when unset).",
+            ["strategy", "segment", "source"],
+            registry=registry,
+        )
         self.budget_fallbacks = Counter(
             "endcap_budget_fallbacks_total",
             "Calls answered from segment popularity because their time budget ran short.",

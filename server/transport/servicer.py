@@ -172,6 +172,7 @@ class RecommenderServicer(pb_grpc.RecommenderServicer):
         # Metric children resolved once: labels() takes a lock and builds a key per call.
         self._by_plan: dict[str, Any] = {}
         self._served = {p: metrics.items_served.labels(n) for p, n in _PROVENANCE_LABELS.items()}
+        self._answers: dict[tuple[str, str, str], Any] = {}  # Recommend answers by labels
 
     def _fallback(
         self,
@@ -299,10 +300,23 @@ class RecommenderServicer(pb_grpc.RecommenderServicer):
             personalized=answer.personalized,
             strategy=answer.strategy,
             shopper_segment=_SEGMENTS[answer.shopper_segment],
+            traffic_source=answer.traffic_source,
             **_variant_fields(assignment),
         )
         self._items(engine, answer, resp.items)
+        self._count_answer(engine, answer)
         return resp
+
+    def _count_answer(self, engine: Engine, answer: Answer) -> None:
+        labels = (
+            answer.strategy or "fallback",
+            answer.shopper_segment or "unknown",
+            engine.strategies.source_label(answer.traffic_source),
+        )
+        child = self._answers.get(labels)
+        if child is None:
+            child = self._answers[labels] = self._metrics.recommendations.labels(*labels)
+        child.inc()
 
     @_guarded
     async def Rerank(self, request: pb.RerankRequest, context: Ctx) -> pb.RerankResponse:

@@ -547,6 +547,7 @@ class RecommendResponse(_message.Message):
     VARIANT_FIELD_NUMBER: _builtins.int
     STRATEGY_FIELD_NUMBER: _builtins.int
     SHOPPER_SEGMENT_FIELD_NUMBER: _builtins.int
+    TRAFFIC_SOURCE_FIELD_NUMBER: _builtins.int
     recommendation_id: _builtins.str
     """Unique id of this response; send it back with impression and click events."""
     model_version: _builtins.str
@@ -564,6 +565,11 @@ class RecommendResponse(_message.Message):
     """The strategy that produced the list, e.g. "home", "product.upsell"."""
     shopper_segment: Global___ShopperSegment.ValueType
     """The shopper's segment, as used for ranking."""
+    traffic_source: _builtins.str
+    """context.traffic_source as strategies match it (trimmed, lower case); the
+    strategy's source_weights for it shaped the blend. "" when unset, or when
+    no strategy ran (the deadline-budget fallback).
+    """
     @_builtins.property
     def items(self) -> _containers.RepeatedCompositeFieldContainer[Global___RecommendedItem]:
         """Best first. Fewer than num_results only if fewer items pass the filters
@@ -582,10 +588,11 @@ class RecommendResponse(_message.Message):
         variant: _builtins.str = ...,
         strategy: _builtins.str = ...,
         shopper_segment: Global___ShopperSegment.ValueType = ...,
+        traffic_source: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["currency", b"currency", "experiment", b"experiment", "items", b"items", "model_version", b"model_version", "personalized", b"personalized", "recommendation_id", b"recommendation_id", "shopper_segment", b"shopper_segment", "strategy", b"strategy", "variant", b"variant"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["currency", b"currency", "experiment", b"experiment", "items", b"items", "model_version", b"model_version", "personalized", b"personalized", "recommendation_id", b"recommendation_id", "shopper_segment", b"shopper_segment", "strategy", b"strategy", "traffic_source", b"traffic_source", "variant", b"variant"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
