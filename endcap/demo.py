@@ -79,11 +79,14 @@ async def show_examples(
                 country="US",
                 currency="USD",
                 placement=Placement.HOME,
+                traffic_source="email",
             ),
             num_results=8,
         )
     )
-    console.print(_table(f"Recommend: shopper {shopper_b}, desktop, US, no budget", list(b.items)))
+    segment = pb.ShopperSegment.Name(b.shopper_segment)
+    title = f"Recommend: shopper {shopper_b}, desktop, US, via {b.traffic_source}, {segment}"
+    console.print(_table(title, list(b.items)))
     new = await stub.Recommend(
         pb.RecommendRequest(
             context=pb.RequestContext(
