@@ -163,9 +163,9 @@ class Diversity:
 
 @dataclass(frozen=True, slots=True)
 class Boost:
-    """Multiply the score of items whose `attribute` ("brand" or "category"; a category
-    matches its sub-categories) equals `value`: factor > 1 boosts, < 1 buries, 0 hides
-    (0..100)."""
+    """Multiply the score of items whose `attribute` ("brand", "category" (matching its
+    sub-categories) or "tag", a merchandising tag like "high_margin") equals `value`:
+    factor > 1 boosts, < 1 buries, 0 hides (0..100)."""
 
     attribute: str
     value: str

@@ -101,7 +101,10 @@ OPTIONAL_SCHEMA: dict[str, tuple[str, tuple[str, ...]]] = {
     "copurchase_indptr": ("int64", ("n+1",)),
     "copurchase_items": ("int32", ("cp",)),
     "copurchase_scores": ("float32", ("cp",)),
+    # Merchandising tags: bit j of an item's word = manifest tag_names[j].
+    "item_tags": ("uint64", ("n",)),
 }
+MAX_TAGS = 64  # distinct tags per catalog: one bit each
 
 
 # Query encoders a manifest's `encoder` section may name, with the integer
@@ -142,6 +145,7 @@ class Manifest:
     data_fingerprint: str
     checksums: dict[str, str]
     encoder: dict[str, Any] | None = None  # {"kind": ..., ENCODER_KINDS fields}
+    tag_names: tuple[str, ...] = ()  # bit j of item_tags; absent in older manifests
 
     def to_json(self) -> dict[str, Any]:
         body = {
@@ -163,6 +167,8 @@ class Manifest:
             "data_fingerprint": self.data_fingerprint,
             "checksums": self.checksums,
         }
+        if self.tag_names:
+            body["tag_names"] = list(self.tag_names)
         return body if self.encoder is None else body | {"encoder": self.encoder}
 
     @classmethod
@@ -198,9 +204,17 @@ class Manifest:
                 data_fingerprint=str(raw.get("data_fingerprint", "")),
                 checksums={str(k): str(v) for k, v in raw["checksums"].items()},
                 encoder=encoder,
+                tag_names=_tag_names(raw.get("tag_names", [])),
             )
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
             raise ArtifactError(f"manifest.json is malformed: {exc!r}") from exc
+
+
+def _tag_names(raw: Any) -> tuple[str, ...]:
+    names = tuple(str(t) for t in raw)
+    if len(names) > MAX_TAGS or len(set(names)) != len(names) or not all(names):
+        raise ArtifactError(f"manifest tag_names must be at most {MAX_TAGS} distinct names")
+    return names
 
 
 @dataclass(frozen=True, slots=True)
@@ -266,6 +280,11 @@ def validate_arrays(manifest: Manifest, arrays: Mapping[str, npt.NDArray[Any]]) 
         col = arrays[name]
         if col.size and (int(col.min()) < 0 or int(col.max()) >= bound):
             raise ArtifactError(f"array {name}: values outside [0, {bound})")
+    n_tags = len(manifest.tag_names)
+    tags = arrays.get("item_tags")
+    used = int(np.bitwise_or.reduce(tags)) if tags is not None and tags.size else 0
+    if n_tags < MAX_TAGS and used >> n_tags:
+        raise ArtifactError(f"array item_tags: bits beyond the {n_tags} tag_names")
 
 
 def _encoder_spec(raw: object) -> dict[str, Any]:
@@ -345,6 +364,7 @@ def write_artifact(
     make_latest: bool = True,
     encoder: Mapping[str, Any] | None = None,
     encoder_weights: Mapping[str, npt.NDArray[Any]] | None = None,
+    tag_names: tuple[str, ...] = (),
 ) -> Path:
     """Write a new artifact version under `root` and (by default) point LATEST at it.
 
@@ -374,6 +394,7 @@ def write_artifact(
         data_fingerprint=data_fingerprint,
         checksums={},
         encoder=None if encoder is None else _encoder_spec(encoder),
+        tag_names=_tag_names(tag_names),
     )
     validate_arrays(manifest, arrays)
     if encoder_weights is not None:

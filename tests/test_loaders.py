@@ -23,11 +23,11 @@ u2,sku-3,1767225700000,transaction,tablet,,android
 u3,sku-2,2026-01-02,view,,US,
 """
 ITEMS = """\
-item_id,category,brand,price,currency,countries,in_stock
-sku-1,Fashion > Shoes,Acme,50,EUR,DE|FR,true
-sku-2,fashion/bags,,20.5,USD,*,no
-sku-3,home,Homey,10,EUR,,
-sku-4,home/kitchen,Homey,100,EUR,US;DE,1
+item_id,category,brand,price,currency,countries,in_stock,tags
+sku-1,Fashion > Shoes,Acme,50,EUR,DE|FR,true,high_margin|clearance
+sku-2,fashion/bags,,20.5,USD,*,no,
+sku-3,home,Homey,10,EUR,,,new ; high_margin
+sku-4,home/kitchen,Homey,100,EUR,US;DE,1,
 """
 
 
@@ -64,6 +64,9 @@ def test_reads_a_well_formed_shop(tmp_path: Path) -> None:
     home = ds.category_names.index("home")
     assert ds.category_parent[ds.category_names.index("home/kitchen")] == home
     assert ds.brand_names[ds.item_brand[1]] == "unknown"
+    assert ds.tag_names == ("clearance", "high_margin", "new") and ds.item_tags is not None
+    tagged = [{t for j, t in enumerate(ds.tag_names) if int(w) >> j & 1} for w in ds.item_tags]
+    assert tagged == [{"high_margin", "clearance"}, set(), {"new", "high_margin"}, set()]
     # Events sorted by time; ms timestamps read as ms; ISO dates as UTC.
     assert np.all(np.diff(ds.ev_ts) >= 0)
     assert list(ds.ev_ts) == [1767225600, 1767225700, 1767225900, 1767226200, 1767312000]
@@ -95,6 +98,22 @@ def test_parquet_and_csv_give_the_same_dataset(tmp_path: Path) -> None:
     ).dataset
     for name in ("item_ids", "user_ids", "ev_user", "ev_item", "ev_ts", "ev_type", "ev_device"):
         np.testing.assert_array_equal(getattr(from_csv, name), getattr(from_parquet, name), name)
+    np.testing.assert_array_equal(from_csv.item_tags, from_parquet.item_tags)
+    assert from_csv.tag_names == from_parquet.tag_names
+
+
+def test_items_without_tags_are_untagged_and_too_many_tags_are_refused(tmp_path: Path) -> None:
+    untagged = "\n".join(line.rsplit(",", 1)[0] for line in ITEMS.splitlines()) + "\n"
+    files = shop(tmp_path, INTERACTIONS, untagged, currency_rates={"EUR": 1.0, "USD": 1.1})
+    ds = load_shop(files).dataset
+    assert ds.item_tags is None and ds.tag_names == ()
+    many = "|".join(f"t{j}" for j in range(65))
+    crowded = ITEMS.replace("high_margin|clearance", many)
+    files = shop(tmp_path, INTERACTIONS, crowded, currency_rates={"EUR": 1.0, "USD": 1.1})
+    with pytest.raises(
+        LoadError, match=r"^items\.csv column tags: at most 64 distinct tags, got 67"
+    ):
+        load_shop(files)
 
 
 def test_without_an_items_file_items_come_from_interactions(tmp_path: Path) -> None:

@@ -259,6 +259,61 @@ def test_upserted_item_is_searchable_and_attribute_changes_apply(
     assert [i.item_id for i in fr.items] == ["new-1"]
 
 
+def test_merchandising_tags_from_training_and_upserts_steer_boosts(
+    rt: pb_grpc.RecommenderStub, trained: TrainedStore
+) -> None:
+    ds = trained.dataset
+    assert ds.item_tags is not None
+    bit = ds.tag_names.index("high_margin")
+    high = {str(i) for i, w in zip(ds.item_ids, ds.item_tags, strict=True) if int(w) >> bit & 1}
+    ctx = pb.RequestContext(user_id=str(ds.user_ids[5]), country="DE")
+
+    def recommend(tag: str, factor: float, **kw: object) -> list[str]:
+        boost = pb.Rules.Boost(attribute="tag", value=tag, factor=factor)
+        req = pb.RecommendRequest(context=ctx, num_results=20, rules=pb.Rules(boosts=[boost]), **kw)  # type: ignore[arg-type]
+        return [i.item_id for i in rt.Recommend(req).items]
+
+    plain, hidden, boosted = (recommend("high_margin", f) for f in (1.0, 0.0, 5.0))
+    assert len(hidden) == 20 and not set(hidden) & high
+    assert len(set(boosted) & high) > len(set(plain) & high)
+    # A tag no item has changes nothing.
+    assert recommend("no-such-tag", 0.0) == plain
+    # Tags arrive with UpsertItems: set, kept when unset, replaced (or cleared) when set.
+    category = ds.category_names[int(ds.item_category[0])]
+    promo = pb.CatalogItem.Tags(values=["promo-week"])
+    item = pb.CatalogItem(
+        item_id="tagged-1", category=category, brand="TagBrand", price=5.0, countries=["DE"]
+    )
+    item.tags.CopyFrom(promo)
+    assert rt.UpsertItems(pb.UpsertItemsRequest(items=[item])).created == 1
+    only = pb.Filters(brands=["TagBrand"])
+    assert recommend("promo-week", 1.0, filters=only) == ["tagged-1"]
+    assert recommend("promo-week", 0.0, filters=only) == []
+    rt.UpsertItems(pb.UpsertItemsRequest(items=[pb.CatalogItem(item_id="tagged-1", price=6.0)]))
+    assert recommend("promo-week", 0.0, filters=only) == []
+    cleared = pb.CatalogItem(item_id="tagged-1", tags=pb.CatalogItem.Tags())
+    rt.UpsertItems(pb.UpsertItemsRequest(items=[cleared]))
+    assert recommend("promo-week", 0.0, filters=only) == ["tagged-1"]
+    # Bad tags: named fields; a catalog holds at most 64 distinct tags.
+    with pytest.raises(grpc.RpcError) as err:
+        many = pb.CatalogItem.Tags(values=[f"t{j}" for j in range(17)])
+        rt.UpsertItems(pb.UpsertItemsRequest(items=[pb.CatalogItem(item_id="x", tags=many)]))
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert (err.value.details() or "").startswith("items[0].tags.values:")
+    with pytest.raises(grpc.RpcError) as err:
+        blank = pb.CatalogItem.Tags(values=["ok", ""])
+        rt.UpsertItems(pb.UpsertItemsRequest(items=[pb.CatalogItem(item_id="x", tags=blank)]))
+    assert (err.value.details() or "").startswith("items[0].tags.values[1]:")
+    rejected = []
+    for batch in range(4):  # 3 known + 3 x 16 new = 51 fit; 16 more do not
+        tags = pb.CatalogItem.Tags(values=[f"b{batch}-{j}" for j in range(16)])
+        reply = rt.UpsertItems(
+            pb.UpsertItemsRequest(items=[pb.CatalogItem(item_id="tagged-1", tags=tags)])
+        )
+        rejected += [(batch, r.field) for r in reply.rejected]
+    assert rejected == [(3, "items[0].tags")]
+
+
 def test_delete_items(rt: pb_grpc.RecommenderStub, trained: TrainedStore) -> None:
     victim = str(trained.dataset.item_ids[2])
     reply = rt.DeleteItems(pb.DeleteItemsRequest(item_ids=[victim, "never-existed"]))

@@ -108,3 +108,11 @@ def test_configured_thresholds_win_over_learned_ones_key_by_key() -> None:
     assert rules.origin["vip_min_monetary"] == "learned"
     assert parse(defaults_raw()).segment_rules(learned) == learned
     assert set(SegmentRules().origin.values()) == {"default"} and len(SEGMENT_KEYS) == 3
+
+
+def test_shop_rules_boost_by_tag() -> None:
+    raw = {"rules": {"boost": [{"attribute": "tag", "value": "high_margin", "factor": 1.3}]}}
+    (boost,) = parse(raw, defaults_raw()).boosts
+    assert (boost.attribute, boost.value, boost.factor) == ("tag", "high_margin", 1.3)
+    with pytest.raises(StrategyConfigError, match=r"rules\.boost\[0\]\.attribute"):
+        parse({"rules": {"boost": [{"attribute": "margin", "value": "x"}]}}, defaults_raw())

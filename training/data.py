@@ -27,6 +27,7 @@ class Dataset:
         item_price       float64 (n,) price in base_currency, > 0
         item_in_stock    bool (n,)
         item_countries   bool (n, c) item is sold/shipped to country_codes[j]
+        item_tags        uint64 (n,) merchandising tags, bit j = tag_names[j] (optional)
     category_parent      int32 (k,)  parent category index, -1 for roots
     currency_rates       units of each currency per 1 base_currency unit
                          (includes base_currency itself at 1.0)
@@ -62,6 +63,9 @@ class Dataset:
     ev_type: npt.NDArray[np.int8]
     ev_device: npt.NDArray[np.int8]
     ev_country: npt.NDArray[np.int16]
+    # Merchandising tags: bit j of item_tags[i] = item i has tag_names[j] (at most 64).
+    item_tags: npt.NDArray[np.uint64] | None = None
+    tag_names: tuple[str, ...] = ()
 
     @property
     def n_items(self) -> int:

@@ -89,6 +89,8 @@ def export_artifact(
     }
     arrays.update(purchase_stats(dataset))
     arrays.update(copurchase(dataset))
+    if dataset.item_tags is not None:
+        arrays["item_tags"] = dataset.item_tags.astype(np.uint64)
     index = build_index(model.item_embeddings, threads=threads or config.threads, seed=config.seed)
     version = model_version or _new_version(dataset, model)
     params: dict[str, Any] = config.to_dict()
@@ -118,6 +120,7 @@ def export_artifact(
         metrics=metrics,
         data_fingerprint=dataset.fingerprint(),
         make_latest=make_latest,
+        tag_names=dataset.tag_names if dataset.item_tags is not None else (),
     )
     logger.info(
         "wrote artifact %s (%s, %d items) in %.1fs",

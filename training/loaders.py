@@ -80,7 +80,10 @@ INTERACTION_COLUMNS = (
     "device",
     "country",
 )
-ITEM_COLUMNS = ("item_id", "category", "brand", "price", "currency", "countries", "in_stock")
+ITEM_COLUMNS = (
+    "item_id", "category", "brand", "price", "currency", "countries", "in_stock", "tags",
+)  # fmt: skip
+MAX_TAGS = 64  # distinct merchandising tags per catalog (one bit each in the artifact)
 _CATEGORY_SEPARATORS = re.compile(r"\s*(?:/|>|\|)\s*")
 _COUNTRY_SEPARATORS = re.compile(r"[\s|;,]+")
 UNKNOWN = "unknown"
@@ -270,9 +273,11 @@ class ShopFiles:
     skipped and counted. Missing event_type means view. device is mobile /
     tablet / desktop; country an ISO 3166 alpha-2 code.
 
-    items: `item_id[,category][,brand][,price][,currency][,countries][,in_stock]`;
+    items: `item_id[,category][,brand][,price][,currency][,countries][,in_stock][,tags]`;
     category may be a path ("fashion/shoes" or "Fashion > Shoes"); countries
-    a list of ISO codes separated by | ; , or spaces (empty or * = everywhere).
+    a list of ISO codes separated by | ; , or spaces (empty or * = everywhere);
+    tags merchandising tags (e.g. "high_margin|clearance") separated by | ; or
+    , (at most 64 distinct, for boost and bury rules).
     Prices in several currencies need `currency_rates` (units per 1
     `base_currency`). Interactions on items missing from the items file are
     skipped and counted.
@@ -645,6 +650,7 @@ class _Catalog:
     price: npt.NDArray[np.float64]
     in_stock: npt.NDArray[np.bool_]
     countries: pa.Array  # list<string> (n,); empty list = everywhere
+    tags: pa.Array  # list<string> (n,)
     base_currency: str
     currency_rates: dict[str, float]
     report: LoadReport
@@ -656,7 +662,8 @@ def _read_items(files: ShopFiles) -> _Catalog:
     tally = _Tally(reader.file, files.on_invalid)
     cols = reader.columns
     kept: dict[str, list[Any]] = {
-        n: [] for n in ("ids", "category", "brand", "price", "ccy", "in_stock", "cty", "line")
+        n: []
+        for n in ("ids", "category", "brand", "price", "ccy", "in_stock", "cty", "tags", "line")
     }
     for batch in reader.batches():
         size = len(batch["item_id"])
@@ -708,6 +715,11 @@ def _read_items(files: ShopFiles) -> _Catalog:
             countries = codes  # "" and "*" entries mean everywhere
         else:
             countries = pa.array([[]] * size, type=pa.list_(pa.string()))
+        if "tags" in cols:
+            split = pc.split_pattern_regex(pc.utf8_trim_whitespace(text["tags"]), r"\s*[|;,]\s*")
+            tags = split  # empty entries are dropped with the vocabulary (_item_tags)
+        else:
+            tags = pa.array([[]] * size, type=pa.list_(pa.string()))
         for name in ("category", "brand"):
             if name in cols:
                 tally.note(
@@ -725,6 +737,7 @@ def _read_items(files: ShopFiles) -> _Catalog:
         kept["ccy"].append(pc.filter(currency, mask))
         kept["in_stock"].append(in_stock[keep])
         kept["cty"].append(pc.filter(countries, mask))
+        kept["tags"].append(pc.filter(tags, mask))
         kept["line"].append(reader.done + np.flatnonzero(keep))
     error = reader.field_count_error(float("inf"))
     if error is not None and files.on_invalid == "raise":
@@ -768,6 +781,7 @@ def _read_items(files: ShopFiles) -> _Catalog:
             first
         ],
         countries=_concat(kept["cty"], pa.list_(pa.string())).filter(keep),
+        tags=_concat(kept["tags"], pa.list_(pa.string())).filter(keep),
         base_currency=base,
         currency_rates=rates,
         report=tally.report(int(first.sum())),
@@ -1000,6 +1014,28 @@ def _category_tree(
     return tuple(names), np.asarray(parent, dtype=np.int32), leaf_of
 
 
+def _item_tags(
+    catalog: _Catalog, files: ShopFiles
+) -> tuple[npt.NDArray[np.uint64] | None, tuple[str, ...]]:
+    """Per item a bit per merchandising tag (vocabulary sorted); (None, ()) if untagged."""
+    flat = np.asarray(pc.list_flatten(catalog.tags).to_pylist(), dtype=np.str_)
+    owner = _np(pc.list_parent_indices(catalog.tags)).astype(np.int64)
+    named = flat != ""
+    if not named.any():
+        return None, ()
+    names, code = np.unique(flat[named], return_inverse=True)
+    if names.shape[0] > MAX_TAGS:
+        raise LoadError(
+            Path(str(files.items)).name,
+            None,
+            "tags",
+            f"at most {MAX_TAGS} distinct tags, got {names.shape[0]}",
+        )
+    bits = np.zeros(len(catalog.ids), dtype=np.uint64)
+    np.bitwise_or.at(bits, owner[named], np.left_shift(np.uint64(1), code.astype(np.uint64)))
+    return bits, tuple(str(t) for t in names)
+
+
 def load_shop(files: ShopFiles) -> Loaded:
     """Read a shop's interactions (and items) into a Dataset; see ShopFiles."""
     catalog = _read_items(files) if files.items is not None else None
@@ -1060,6 +1096,7 @@ def load_shop(files: ShopFiles) -> Loaded:
     user_device = _latest(ev_user, ev_device, ev_device > 0, n_users, DEVICE_UNSPECIFIED).astype(
         np.int8
     )
+    item_tags, tag_names = _item_tags(catalog, files) if catalog is not None else (None, ())
     if catalog is not None:
         categories = [str(c) for c in catalog.category.to_pylist()]
         distinct = sorted(set(categories))
@@ -1100,6 +1137,8 @@ def load_shop(files: ShopFiles) -> Loaded:
         ev_type=ev_type,
         ev_device=ev_device,
         ev_country=ev_country,
+        item_tags=item_tags,
+        tag_names=tag_names,
     )
     reports = (events.report,) if catalog is None else (catalog.report, events.report)
     for report in reports:

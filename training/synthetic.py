@@ -476,7 +476,26 @@ def generate_store(config: StoreConfig) -> Dataset:
         ev_type=kind,
         ev_device=device.astype(np.int8),
         ev_country=country.astype(np.int16),
+        item_tags=_tags(config, cat),
+        tag_names=TAG_NAMES,
     )
+
+
+TAG_NAMES = ("high_margin", "clearance")
+
+
+def _tags(config: StoreConfig, cat: _Catalog) -> npt.NDArray[np.uint64]:
+    """Merchandising tags, from a stream of their own (the rest of the store does not
+    move): high_margin for about a quarter of items, most from brands with fat
+    margins; clearance for about 4%, mostly slow sellers."""
+    rng = np.random.default_rng([config.seed, 1])
+    n = cat.item_brand.shape[0]
+    brand_margin = rng.beta(2.0, 4.0, size=int(cat.item_brand.max()) + 1)
+    margin = brand_margin[cat.item_brand] + rng.normal(0.0, 0.08, size=n)
+    high = margin >= np.quantile(margin, 0.75)
+    slow = cat.item_pop <= np.quantile(cat.item_pop, 0.3)
+    clearance = rng.random(n) < np.where(slow, 0.1, 0.01)
+    return (high.astype(np.uint64) << np.uint64(0)) | (clearance.astype(np.uint64) << np.uint64(1))
 
 
 _Events = tuple[

@@ -17,7 +17,7 @@ from typing import Any, TypeVar, overload
 import numpy as np
 import numpy.typing as npt
 
-from server.artifact import Artifact
+from server.artifact import MAX_TAGS, Artifact
 from server.domain.errors import InvalidQuery
 from server.domain.filters import FilterIndex, FilterSpec
 from server.domain.query import Filters
@@ -155,6 +155,7 @@ class ItemUpdate:
     currency: str = ""
     countries: tuple[str, ...] = ()
     in_stock: bool | None = None
+    tags: tuple[str, ...] | None = None  # None = unchanged; () = none
 
 
 @dataclass(frozen=True, slots=True)
@@ -185,6 +186,13 @@ class Catalog:
         self.price: npt.NDArray[np.float64] = _grow(artifact["item_price"], cap)
         self.in_stock: npt.NDArray[np.bool_] = _grow(artifact["item_in_stock"], cap)
         self.alive = _grow(np.ones(n, dtype=bool), cap)
+        # Merchandising tags: bit j of an item's word is tag_names[j] (MAX_TAGS at most).
+        tags = artifact.arrays.get("item_tags")
+        self.tags: npt.NDArray[np.uint64] = _grow(
+            np.zeros(n, dtype=np.uint64) if tags is None else tags, cap
+        )
+        self.tag_names: list[str] = list(m.tag_names)
+        self._tag_index = {name: j for j, name in enumerate(self.tag_names)}
         self.category_names = m.category_names
         self.brand_names: list[str] = list(m.brand_names)
         self.country_codes = m.country_codes
@@ -231,6 +239,10 @@ class Catalog:
 
     def category_row(self, name: str) -> int | None:
         return self._category_index.get(name)
+
+    def tag_bit(self, name: str) -> int | None:
+        """The bit of a merchandising tag in `tags`; None if no item has had it."""
+        return self._tag_index.get(name)
 
     def country_row(self, country: str) -> int | None:
         """Index of a country code; None if the catalog does not know it."""
@@ -305,6 +317,15 @@ class Catalog:
         unknown = [c for c in item.countries if c not in self._country_index]
         if unknown:
             return Rejected(index, item.item_id, "countries", f"unknown countries {unknown}")
+        new_tags = {t for t in item.tags or () if t not in self._tag_index}
+        if len(self.tag_names) + len(new_tags) > MAX_TAGS:
+            return Rejected(
+                index,
+                item.item_id,
+                "tags",
+                f"a catalog holds at most {MAX_TAGS} distinct tags "
+                f"({len(self.tag_names)} in use, {len(new_tags)} new)",
+            )
         if not exists and self.n >= self.capacity:
             return Rejected(
                 index, item.item_id, "item_id", "live catalog capacity reached; retrain"
@@ -350,6 +371,15 @@ class Catalog:
         if item.countries or created:
             countries = np.zeros(len(self.country_codes), dtype=bool)
             countries[[self._country_index[c] for c in item.countries]] = True
+        if item.tags is not None:
+            word = 0
+            for tag in item.tags:
+                bit = self._tag_index.get(tag)
+                if bit is None:
+                    bit = self._tag_index[tag] = len(self.tag_names)
+                    self.tag_names.append(tag)
+                word |= 1 << bit
+            self.tags[row] = word
         self.alive[row] = True
         self.filters.update_item(
             row,

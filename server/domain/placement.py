@@ -277,6 +277,8 @@ def execute(
         # Under caps most bestsellers may not fit: look further down the list.
         fill = engine.retriever.popular(segment, flt, k + ids.shape[0] + (20 * k if caps else 0))
         extra = np.flatnonzero(~np.isin(fill.ids, ids))
+        if query.rules.boosts or engine.strategies.boosts:  # factor 0 hides here too
+            extra = extra[_boosts(engine, fill.ids[extra], query) > 0]
         extra = extra[admit(engine.catalog, ids, fill.ids[extra], caps, k - ids.shape[0])]
         ids = np.concatenate([ids, fill.ids[extra]])
         add = extra.shape[0]
@@ -312,6 +314,11 @@ def _boosts(
             match = np.array(
                 [cat.brand_names[b] == value for b in cat.brand[rows].tolist()], dtype=bool
             )
+        elif attribute == "tag":
+            bit = cat.tag_bit(value)
+            if bit is None:
+                continue
+            match = (cat.tags[rows] >> np.uint64(bit)) & np.uint64(1) == 1
         else:
             c = cat.category_row(value)
             if c is None:

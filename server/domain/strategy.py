@@ -28,7 +28,7 @@ PLACEMENTS = (
     "PLACEMENT_UNSPECIFIED", "HOME", "CATEGORY", "PRODUCT", "CART", "CHECKOUT", "EMAIL",
     "SEARCH", "POST_PURCHASE",
 )  # fmt: skip
-BOOST_ATTRIBUTES = ("brand", "category")
+BOOST_ATTRIBUTES = ("brand", "category", "tag")
 # A traffic source as strategies name it and requests are matched: lower case
 # letters, digits, "_" and "-" (requests are lower-cased and trimmed first).
 _SOURCE_NAME = re.compile(r"[a-z0-9][a-z0-9_-]{0,63}")
@@ -291,7 +291,9 @@ def parse(raw: Mapping[str, Any], base: Mapping[str, Any] | None = None) -> Stra
     boosts = []
     for i, b in enumerate(rules.get("boost", [])):
         if b.get("attribute") not in BOOST_ATTRIBUTES:
-            raise StrategyConfigError(f"rules.boost[{i}].attribute: must be brand or category")
+            raise StrategyConfigError(
+                f"rules.boost[{i}].attribute: must be one of {', '.join(BOOST_ATTRIBUTES)}"
+            )
         factor = float(b.get("factor", 1.0))
         if not 0 <= factor <= 100:
             raise StrategyConfigError(f"rules.boost[{i}].factor: must be in [0, 100]")

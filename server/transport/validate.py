@@ -22,6 +22,7 @@ from server.domain.query import (
     SimilarQuery,
     TrackedEvent,
 )
+from server.domain.strategy import BOOST_ATTRIBUTES
 
 MAX_RESULTS = 500
 DEFAULT_RESULTS = 10
@@ -178,10 +179,10 @@ def _rules(msg: pb.Rules) -> Merchandising:
         )
     boosts = []
     for i, b in enumerate(msg.boosts):
-        if b.attribute not in ("brand", "category"):
+        if b.attribute not in BOOST_ATTRIBUTES:
             raise InvalidRequest(
                 f"rules.boosts[{i}].attribute",
-                f"must be brand or category, got {_show(b.attribute)}",
+                f"must be one of {', '.join(BOOST_ATTRIBUTES)}, got {_show(b.attribute)}",
             )
         if not math.isfinite(b.factor) or not 0 <= b.factor <= 100:
             raise InvalidRequest(
@@ -266,6 +267,8 @@ def similar(msg: pb.SimilarItemsRequest) -> SimilarQuery:
 MAX_EVENTS = 1000
 MAX_UPSERT = 10_000
 MAX_COUNTRIES = 300  # per catalog item; ISO 3166-1 has 249 codes
+MAX_ITEM_TAGS = 16
+MAX_TAG_CHARS = 64
 MAX_FUTURE_S = 300.0
 _EVENT_TYPES = frozenset(pb.Event.Type.values()) - {pb.Event.TYPE_UNSPECIFIED}
 _NEEDS_ITEM = {
@@ -399,7 +402,18 @@ def upsert_item(item: pb.CatalogItem, i: int, seen: set[str]) -> ItemUpdate:
         currency=currency,
         countries=countries,
         in_stock=item.in_stock if item.HasField("in_stock") else None,
+        tags=_tags(f"{field}.tags.values", item.tags.values) if item.HasField("tags") else None,
     )
+
+
+def _tags(field: str, values: Sequence[str]) -> tuple[str, ...]:
+    if len(values) > MAX_ITEM_TAGS:
+        raise InvalidRequest(field, f"must have at most {MAX_ITEM_TAGS} tags, got {len(values)}")
+    for j, tag in enumerate(values):
+        if not tag:
+            raise InvalidRequest(f"{field}[{j}]", "must not be empty")
+        _text(f"{field}[{j}]", tag, MAX_TAG_CHARS)
+    return tuple(dict.fromkeys(values))
 
 
 def delete_items(msg: pb.DeleteItemsRequest) -> tuple[str, ...]:

@@ -376,7 +376,9 @@ class Rules(_message.Message):
         VALUE_FIELD_NUMBER: _builtins.int
         FACTOR_FIELD_NUMBER: _builtins.int
         attribute: _builtins.str
-        """"brand" or "category" (a category matches its sub-categories)."""
+        """"brand", "category" (a category matches its sub-categories) or "tag" (a
+        merchandising tag such as "high_margin", see CatalogItem.tags).
+        """
         value: _builtins.str
         factor: _builtins.float
         """> 1 boosts, < 1 buries, 0 hides. In [0, 100]."""
@@ -1137,6 +1139,24 @@ class CatalogItem(_message.Message):
 
     DESCRIPTOR: _descriptor.Descriptor
 
+    @_typing.final
+    class Tags(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        VALUES_FIELD_NUMBER: _builtins.int
+        @_builtins.property
+        def values(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+        def __init__(
+            self,
+            *,
+            values: _abc.Iterable[_builtins.str] | None = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["values", b"values"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
     ITEM_ID_FIELD_NUMBER: _builtins.int
     CATEGORY_FIELD_NUMBER: _builtins.int
     BRAND_FIELD_NUMBER: _builtins.int
@@ -1144,6 +1164,7 @@ class CatalogItem(_message.Message):
     CURRENCY_FIELD_NUMBER: _builtins.int
     COUNTRIES_FIELD_NUMBER: _builtins.int
     IN_STOCK_FIELD_NUMBER: _builtins.int
+    TAGS_FIELD_NUMBER: _builtins.int
     item_id: _builtins.str
     category: _builtins.str
     """A category name the model knows (see the artifact's categories); required
@@ -1163,6 +1184,14 @@ class CatalogItem(_message.Message):
         a non-empty list replaces the old one; for a new item empty means nowhere.
         """
 
+    @_builtins.property
+    def tags(self) -> Global___CatalogItem.Tags:
+        """Merchandising tags rules can boost or bury, e.g. "high_margin",
+        "clearance": 1..64 characters each, at most 16 per item and 64 distinct in
+        a catalog. Unset: unchanged for existing items, none for new ones; set,
+        even to an empty list, replaces the item's tags.
+        """
+
     def __init__(
         self,
         *,
@@ -1173,10 +1202,11 @@ class CatalogItem(_message.Message):
         currency: _builtins.str = ...,
         countries: _abc.Iterable[_builtins.str] | None = ...,
         in_stock: _builtins.bool | None = ...,
+        tags: Global___CatalogItem.Tags | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["_in_stock", b"_in_stock", "_price", b"_price", "in_stock", b"in_stock", "price", b"price"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_in_stock", b"_in_stock", "_price", b"_price", "in_stock", b"in_stock", "price", b"price", "tags", b"tags"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_in_stock", b"_in_stock", "_price", b"_price", "brand", b"brand", "category", b"category", "countries", b"countries", "currency", b"currency", "in_stock", b"in_stock", "item_id", b"item_id", "price", b"price"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_in_stock", b"_in_stock", "_price", b"_price", "brand", b"brand", "category", b"category", "countries", b"countries", "currency", b"currency", "in_stock", b"in_stock", "item_id", b"item_id", "price", b"price", "tags", b"tags"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__in_stock: _TypeAlias = _typing.Literal["in_stock"]  # noqa: Y015
     _WhichOneofArgType__in_stock: _TypeAlias = _typing.Literal["_in_stock", b"_in_stock"]  # noqa: Y015
