@@ -19,6 +19,7 @@ import pyarrow.compute as pc
 import pyarrow.csv as pa_csv
 import pyarrow.parquet as pq
 
+from server.artifact import MAX_TAGS
 from training.data import (
     ADD_TO_CART,
     DESKTOP,
@@ -83,7 +84,6 @@ INTERACTION_COLUMNS = (
 ITEM_COLUMNS = (
     "item_id", "category", "brand", "price", "currency", "countries", "in_stock", "tags",
 )  # fmt: skip
-MAX_TAGS = 64  # distinct merchandising tags per catalog (one bit each in the artifact)
 _CATEGORY_SEPARATORS = re.compile(r"\s*(?:/|>|\|)\s*")
 _COUNTRY_SEPARATORS = re.compile(r"[\s|;,]+")
 UNKNOWN = "unknown"
