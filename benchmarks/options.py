@@ -73,4 +73,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         metavar="ENDCAP_X=V",
         help="server setting for the run (repeatable)",
     )
+    p.add_argument(
+        "--live-events",
+        type=int,
+        default=40_000,
+        help="events streamed before the latency scenarios, so live popularity is "
+        "populated as in production (0 = an empty state store)",
+    )
     p.add_argument("--rebuild", action="store_true", help="rebuild the cached catalog")

@@ -224,6 +224,30 @@ def _stats(sel: np.ndarray[Any, Any]) -> dict[str, float]:
     }
 
 
+def send_events(target: str, requests: list[pb.TrackEventsRequest]) -> dict[str, Any]:
+    """TrackEvents each request once; accepted and rejected counts and the time taken."""
+    check_loopback(target)
+    accepted = rejected = 0
+    t0 = time.perf_counter()
+    with grpc.insecure_channel(target) as channel:
+        track = channel.unary_unary(
+            SERVICE + "TrackEvents",
+            request_serializer=pb.TrackEventsRequest.SerializeToString,
+            response_deserializer=pb.TrackEventsResponse.FromString,
+        )
+        for req in requests:
+            reply = track(req, timeout=30)
+            accepted += reply.accepted
+            rejected += len(reply.rejected)
+    seconds = time.perf_counter() - t0
+    return {
+        "accepted": accepted,
+        "rejected": rejected,
+        "seconds": round(seconds, 2),
+        "events_per_s": round(accepted / max(seconds, 1e-9)),
+    }
+
+
 def freshness(
     track_target: str,
     read_target: str,

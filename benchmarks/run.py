@@ -285,6 +285,10 @@ def run_main(b: Bench, args: argparse.Namespace) -> dict[str, Any]:
             "SimilarItems": similar[0].payload,
         }
         echo = start_echo(_capture_responses(server, samples))
+        if args.live_events:
+            b.say(f"streaming {args.live_events:,} events: live popularity as in production")
+            live = wl.live_events(args.live_events, seed=args.seed)
+            out["live_events"] = realtime.send_events(server.target, live)
         b.say("warming up")
         b.load(server, mixed, concurrency=4, seconds=min(3.0, b.seconds), warmup_s=0)
         out["memory_after_warmup"] = server.memory()

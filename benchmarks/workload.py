@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -209,6 +210,42 @@ class Workload:
             seed_item_ids=self.engine.catalog.item_ids(np.sort(seeds)),
             num_results=K,
         ).SerializeToString()
+
+    def live_events(
+        self, n: int, *, hours: float = 6.0, batch: int = 1_000, seed: int = 0
+    ) -> list[pb.TrackEventsRequest]:
+        """`n` events a shop would have streamed over the past `hours`: anonymous sessions
+        of ~5 events in the shoppers' countries and devices, on items drawn by catalog
+        popularity (rank r weighs 1 / (r + 10)); 80% views, 15% add-to-carts, 5%
+        purchases. Fills the live popularity segments that Recommend reads, as in
+        production. A generator of its own: the other request streams do not move."""
+        rng = np.random.default_rng([seed, 2])
+        weights = 1.0 / (np.arange(self.popular.size) + 10.0)
+        items = self.popular[rng.choice(self.popular.size, size=n, p=weights / weights.sum())]
+        ids = self.engine.catalog.item_ids(items.astype(np.int64))
+        kinds = rng.choice(
+            [pb.Event.VIEW, pb.Event.ADD_TO_CART, pb.Event.PURCHASE], size=n, p=[0.8, 0.15, 0.05]
+        )
+        now = time.time()
+        ages = rng.uniform(0.0, hours * 3_600.0, size=n)
+        out: list[pb.TrackEventsRequest] = []
+        ctx = pb.RequestContext()
+        for i in range(n):
+            if i % 5 == 0:
+                country = str(rng.choice(self.countries, p=self.country_p))
+                device = int(_DEVICES[rng.choice(len(_DEVICES), p=[q for _, q, _ in _DEVICES])][0])
+                ctx = pb.RequestContext(
+                    session_id=f"bench-live-{seed}-{i // 5}",
+                    country=country,
+                    device=device,  # type: ignore[arg-type]
+                )
+            if i % batch == 0:
+                out.append(pb.TrackEventsRequest())
+            ev = out[-1].events.add(type=int(kinds[i]), item_id=ids[i], context=ctx)
+            ev.timestamp.FromNanoseconds(int((now - ages[i]) * 1e9))
+            if kinds[i] == pb.Event.PURCHASE:
+                ev.price, ev.quantity = 20.0, 1
+        return out
 
     def rerank(self, p: Persona, f: pb.Filters, n_candidates: int) -> pb.RerankRequest:
         """Candidates like a search result page: mostly one leaf, some popular items."""

@@ -228,6 +228,7 @@ def test_bench_smoke(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
             "--per-level", "6", "--recall-samples", "3", "--levels", "1,0.05",
             "--load-fractions", "0.5", "--concurrency", "4", "--workers", "2",
             "--skip", "replicas", "--tune", "ENDCAP_EXACT_SCAN_MAX_ITEMS=100",
+            "--live-events", "2500",
         ]
     )  # fmt: skip
     assert main(args) == 0
@@ -240,6 +241,7 @@ def test_bench_smoke(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     for row in r["selectivity"]:
         assert 0.0 <= row["recall_at_20"] <= 1.0
         assert row["server_side"]["handler"]["Recommend"]["count"] > 0
+    assert r["live_events"]["accepted"] == 2500 and r["live_events"]["rejected"] == 0
     assert r["floors"]["echo_c1_p50_us_mean"] > 0
     assert set(r["ratios"]) == {"e2e_c1_p50_vs_echo", "qps_c4_vs_echo"}
     assert r["open_loop"]["server"] and r["open_loop"]["echo"]

@@ -4,12 +4,14 @@ degrading to local state while Redis is down, recovering when it returns."""
 from __future__ import annotations
 
 import asyncio
+import math
 import os
 import shutil
 import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from unittest import mock
 
 import grpc
 import pytest
@@ -21,6 +23,7 @@ from endcap.v1 import recommender_pb2 as pb
 from endcap.v1 import recommender_pb2_grpc as pb_grpc
 from server.domain.query import StateEvent
 from server.state.redis_store import RedisStore
+from server.state.store import LONG_TAU_S
 
 REDIS = shutil.which("redis-server")
 if REDIS is None and os.environ.get("CI"):
@@ -105,6 +108,77 @@ def test_store_round_trip(redis_server: RedisServer) -> None:
         await store.close()
 
     asyncio.run(run())
+
+
+def test_memory_and_redis_rank_popularity_alike(redis_server: RedisServer) -> None:
+    """Bestsellers and trending (the short horizon's 4n most active, ranked by their rise
+    over the long horizon) are the same lists in either backend."""
+    from server.state.store import MemoryStore
+
+    seg = ("DE|*|*",)
+    now = time.time()
+    # 300 items with distinct histories: a long tail from yesterday, a burst this hour.
+    events = [
+        StateEvent("u:x", 1, f"i{i}", now - 86_400 + 97 * i, segments=seg)
+        for i in range(300)
+        for _ in range(1 + i % 7)
+    ]
+    events += [
+        StateEvent("u:y", 2, f"i{(13 * j) % 300}", now - 3_000 + 11 * j, segments=seg)
+        for j in range(200)
+    ]
+
+    async def run() -> None:
+        redis_store = RedisStore(redis_server.url, prefix="t-rank:")
+        memory = MemoryStore()
+        for store in (redis_store, memory):
+            await store.apply(events)
+        for trending in (False, True):
+            for n in (5, 60):
+                a = await memory.top(seg[0], n, trending)
+                b = await redis_store.top(seg[0], n, trending)
+                assert [k for k, _ in a] == [k for k, _ in b], (trending, n)
+                # Read a moment apart: a 1-hour horizon decays ~3e-7 per millisecond.
+                assert [v for _, v in a] == pytest.approx([v for _, v in b], rel=1e-4)
+        await redis_store.close()
+
+    asyncio.run(run())
+
+
+def test_redis_counts_decay_at_any_date_and_across_epoch_moves(
+    redis_server: RedisServer,
+) -> None:
+    far = 1_767_225_600.0 + 400 * 86_400.0  # 400 days after 2026-01-01
+    seg = ("FR|*|*",)
+    r = redis.Redis.from_url(redis_server.url)
+    # Sums an older endcap left against its fixed epoch: dropped, not mixed in.
+    r.zadd("t-decay:pop:FR|*|*:s", {"stale": 1e200})
+    r.zadd("t-decay:pop:FR|*|*:l", {"stale": 1e40})
+
+    def views(item: str, n: int, ts: float, kind: int = 1) -> list[StateEvent]:
+        return [StateEvent("u:z", kind, item, ts, segments=seg) for _ in range(n)]
+
+    async def run() -> None:
+        store = RedisStore(redis_server.url, prefix="t-decay:")
+        await store.apply(views("old", 10, far - 5 * 3_600.0) + views("new", 3, far))
+        with mock.patch("server.state.redis_store.time.time", return_value=far):
+            trending = await store.top(seg[0], 2, trending=True)
+            assert [k for k, _ in trending] == ["new", "old"]
+            best = dict(await store.top(seg[0], 3, trending=False))
+        assert "stale" not in best
+        assert best["old"] == pytest.approx(10 * math.exp(-5 * 3_600.0 / LONG_TAU_S), rel=1e-9)
+        later = far + 30 * 3_600.0
+        await store.apply(views("newest", 1, later, kind=4))  # a purchase weighs 5
+        assert float(r.get("t-decay:pop:FR|*|*:epoch") or 0) == later
+        with mock.patch("server.state.redis_store.time.time", return_value=later):
+            got = dict(await store.top(seg[0], 3, trending=False))
+        assert got["old"] == pytest.approx(10 * math.exp(-35 * 3_600.0 / LONG_TAU_S), rel=1e-9)
+        assert got["new"] == pytest.approx(3 * math.exp(-30 * 3_600.0 / LONG_TAU_S), rel=1e-9)
+        assert got["newest"] == pytest.approx(5.0, rel=1e-9)
+        await store.close()
+
+    asyncio.run(run())
+    r.close()
 
 
 def test_replicas_share_state(redis_server: RedisServer, trained: TrainedStore) -> None:

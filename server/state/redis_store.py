@@ -7,7 +7,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable, Iterable, Sequence
-from typing import Any, TypeVar
+from typing import TypeVar
 
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
@@ -22,20 +22,63 @@ from server.state.store import (
     LONG_TAU_S,
     POPULARITY_WEIGHTS,
     PURCHASE,
+    REBASE_S,
     REMOVE_FROM_CART,
     SHORT_TAU_S,
+    TRENDING_POOL,
     VIEW,
     MemoryStore,
     decay_weight,
+    decayed,
+    trending_scores,
 )
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 
+# Adds one segment's popularity events: sums grow as exp((t - epoch) / tau) from the
+# segment's epoch (KEYS[3]), which moves to the newest event once that is REBASE_S
+# past it, scaling both sorted sets by exp(-shift / tau) in the same step, so every
+# replica adds against the same epoch. Then keeps the top 2x capacity of each set.
+# KEYS: long set, short set, epoch. ARGV: tau_long, tau_short, rebase_s, keep,
+# then (item, weight, ts) per event.
+_POPULARITY_ADD = """
+local tau_l, tau_s = tonumber(ARGV[1]), tonumber(ARGV[2])
+local rebase, keep = tonumber(ARGV[3]), tonumber(ARGV[4])
+local newest = nil
+for i = 5, #ARGV, 3 do
+  local t = tonumber(ARGV[i + 2])
+  if newest == nil or t > newest then newest = t end
+end
+local epoch = tonumber(redis.call('GET', KEYS[3]))
+if epoch == nil then
+  -- A new segment, or sums an older endcap wrote against a fixed epoch: start over.
+  redis.call('DEL', KEYS[1], KEYS[2])
+  epoch = newest
+  redis.call('SET', KEYS[3], string.format('%.17g', epoch))
+elseif newest - epoch > rebase then
+  local shift = newest - epoch
+  redis.call('ZUNIONSTORE', KEYS[1], 1, KEYS[1], 'WEIGHTS', string.format('%.17g', math.exp(-shift / tau_l)))
+  redis.call('ZUNIONSTORE', KEYS[2], 1, KEYS[2], 'WEIGHTS', string.format('%.17g', math.exp(-shift / tau_s)))
+  epoch = newest
+  redis.call('SET', KEYS[3], string.format('%.17g', epoch))
+end
+for i = 5, #ARGV, 3 do
+  local item, w, t = ARGV[i], tonumber(ARGV[i + 1]), tonumber(ARGV[i + 2])
+  redis.call('ZINCRBY', KEYS[1], string.format('%.17g', w * math.exp((t - epoch) / tau_l)), item)
+  redis.call('ZINCRBY', KEYS[2], string.format('%.17g', w * math.exp((t - epoch) / tau_s)), item)
+end
+redis.call('ZREMRANGEBYRANK', KEYS[1], 0, -keep - 1)
+redis.call('ZREMRANGEBYRANK', KEYS[2], 0, -keep - 1)
+return 1
+"""
+
+
 class RedisStore:
     """Profiles as sorted sets (member = item id, score = time) plus a stats hash;
-    popularity as sorted sets of decayed sums. One round trip per call."""
+    popularity as sorted sets of decayed sums with a per-segment epoch. One round trip
+    per call."""
 
     def __init__(
         self,
@@ -54,6 +97,7 @@ class RedisStore:
         self.ttl_s = int(ttl_s)
         self.recent_items = recent_items
         self.popularity_items = popularity_items
+        self._popularity_add = self.client.register_script(_POPULARITY_ADD)
 
     def _keys(self, key: str) -> tuple[str, str, str, str]:
         base = f"{self.prefix}p:{key}"
@@ -67,7 +111,7 @@ class RedisStore:
     async def apply(self, events: Sequence[StateEvent]) -> None:
         pipe = self.client.pipeline(transaction=False)
         touched: set[str] = set()
-        pop_keys: set[str] = set()
+        popular: dict[str, list[str | float]] = {}  # segment -> item, weight, ts, ...
         for ev in events:
             recent, cart, purchased, stats = self._keys(ev.key)
             touched.add(ev.key)
@@ -94,19 +138,15 @@ class RedisStore:
             weight = POPULARITY_WEIGHTS.get(ev.kind)
             if weight:
                 for seg in ev.segments:
-                    base = f"{self.prefix}pop:{seg}"
-                    pipe.zincrby(f"{base}:l", decay_weight(weight, ev.ts_s, LONG_TAU_S), ev.item_id)
-                    pipe.zincrby(
-                        f"{base}:s", decay_weight(weight, ev.ts_s, SHORT_TAU_S), ev.item_id
-                    )
-                    pop_keys.add(base)
+                    popular.setdefault(seg, []).extend((ev.item_id, weight, ev.ts_s))
         for key in touched:
             for k in (*self._keys(key), self._seen(key)):
                 pipe.expire(k, self.ttl_s)
-        for base in pop_keys:
-            # Bound each segment: drop all but the top 2x capacity.
-            pipe.zremrangebyrank(f"{base}:l", 0, -2 * self.popularity_items - 1)
-            pipe.zremrangebyrank(f"{base}:s", 0, -2 * self.popularity_items - 1)
+        head = (LONG_TAU_S, SHORT_TAU_S, REBASE_S, 2 * self.popularity_items)
+        for seg, triples in popular.items():
+            base = f"{self.prefix}pop:{seg}"
+            keys = [f"{base}:l", f"{base}:s", f"{base}:epoch"]
+            await self._popularity_add(keys=keys, args=[*head, *triples], client=pipe)
         await pipe.execute()
 
     async def profile(self, key: str) -> Profile:
@@ -152,26 +192,26 @@ class RedisStore:
     async def top(self, segment: str, n: int, trending: bool) -> list[tuple[str, float]]:
         base = f"{self.prefix}pop:{segment}"
         now = time.time()
-        if not trending:
-            rows: Any = await self.client.zrevrange(f"{base}:l", 0, n - 1, withscores=True)
-            scale = decay_weight(1.0, now, LONG_TAU_S)
-            return [(m.decode(), float(v) / scale) for m, v in rows]
         pipe = self.client.pipeline(transaction=False)
-        pipe.zrevrange(f"{base}:s", 0, 4 * n - 1, withscores=True)
-        short_rows = (await pipe.execute())[0]
-        if not short_rows:
+        pipe.get(f"{base}:epoch")
+        size = n if not trending else TRENDING_POOL * n
+        pipe.zrevrange(f"{base}:{'s' if trending else 'l'}", 0, size - 1, withscores=True)
+        raw_epoch, rows = await pipe.execute()
+        if raw_epoch is None or not rows:
             return []
-        members = [m for m, _ in short_rows]
+        epoch = float(raw_epoch)
+        if not trending:
+            long_now = decayed(1.0, now, LONG_TAU_S, epoch)
+            return [(m.decode(), float(v) * long_now) for m, v in rows]
+        members = [m for m, _ in rows]
         longs = await self.client.zmscore(f"{base}:l", members)
-        s_scale = decay_weight(1.0, now, SHORT_TAU_S)
-        l_scale = decay_weight(1.0, now, LONG_TAU_S)
-        ratio = SHORT_TAU_S / LONG_TAU_S
-        scored = [
-            (m.decode(), (float(v) / s_scale) / (ratio * float(lv or 0.0) / l_scale + 1.0))
-            for (m, v), lv in zip(short_rows, longs, strict=True)
-        ]
-        scored.sort(key=lambda kv: -kv[1])
-        return scored[:n]
+        return trending_scores(
+            [m.decode() for m in members],
+            [float(v) for _, v in rows],
+            [float(lv or 0.0) for lv in longs],
+            now,
+            epoch,
+        )[:n]
 
     async def ping(self) -> bool:
         return bool(await self.client.ping())

@@ -7,7 +7,10 @@ reloads and catalog changes.
 Popularity uses exponentially decayed counts without touching old entries:
 an event at time t adds w * exp((t - epoch) / tau); ranking by the stored sums
 is ranking by decayed counts. Two horizons: bestsellers (days) and trending
-(hours, compared with the long horizon).
+(hours, compared with the long horizon). Each segment keeps its own epoch and
+moves it to its newest event every REBASE_S, scaling its sums by
+exp(-shift / tau) (ranks and ratios unchanged): exp overflows a double past
+709, which the one-hour horizon would reach 30 days after a fixed epoch.
 """
 
 from __future__ import annotations
@@ -36,13 +39,22 @@ EXPOSURE_TAU_S = 7 * 86_400.0
 POPULARITY_WEIGHTS = {VIEW: 1.0, ADD_TO_CART: 3.0, PURCHASE: 5.0}
 LONG_TAU_S = 3 * 86_400.0
 SHORT_TAU_S = 3_600.0
-# Stored sums are relative to this epoch; far-future events would overflow a
-# double after ~700 tau, so the epoch is moved (and sums rescaled) long before.
+# Exposure sums (7-day horizon) are relative to this fixed epoch: exp overflows
+# ~700 tau (13 years) later. Popularity sums move their epoch (REBASE_S).
 _EPOCH_S = 1_767_225_600.0  # 2026-01-01
+# A segment's popularity epoch moves to its newest event once that is this much
+# newer: fresh weights stay below e^12 (short horizon), old sums shrink.
+REBASE_S = 12 * SHORT_TAU_S
 
 
-def decay_weight(weight: float, ts_s: float, tau_s: float) -> float:
-    return weight * math.exp(min((ts_s - _EPOCH_S) / tau_s, 600.0))
+def decay_weight(weight: float, ts_s: float, tau_s: float, epoch_s: float = _EPOCH_S) -> float:
+    """`weight` grown to time `ts_s` since `epoch_s`: sums of these rank as decayed counts."""
+    return weight * math.exp(min((ts_s - epoch_s) / tau_s, 600.0))
+
+
+def decayed(total: float, now_s: float, tau_s: float, epoch_s: float) -> float:
+    """A sum of decay_weight terms as a count decayed to `now_s` (0.0 for long idle)."""
+    return total * math.exp(max(-(now_s - epoch_s) / tau_s, -700.0))
 
 
 class StateStore(Protocol):
@@ -78,38 +90,139 @@ class _MutableProfile:
     seen: dict[str, float] = field(default_factory=dict)  # item -> decayed impressions
 
 
-class _Counter:
-    """Heavy-hitter decayed counts for one segment, bounded to `capacity` items."""
+# Trending ranks the 4n most active items of the short horizon (both backends).
+TRENDING_POOL = 4
+# Best items kept ranked as counts change: reads of up to this many (a Recommend's
+# pool of 3k, a trending pool of 4x that) sort these instead of the whole segment.
+_TOP_KEPT = 512
 
-    __slots__ = ("capacity", "long", "short")
+
+class _TopK:
+    """The k largest of values that only grow (decayed sums): an item enters only when
+    its own count passes the smallest kept one, so every item outside is no larger than
+    every item inside. A min-heap of (value when pushed, item); entries whose item grew
+    since are refreshed when they reach the top."""
+
+    __slots__ = ("heap", "k", "members")
+
+    def __init__(self, k: int) -> None:
+        self.k = k
+        self.heap: list[tuple[float, str]] = []
+        self.members: dict[str, None] = {}  # insertion-ordered: ties read the same each time
+
+    def offer(self, item: str, values: dict[str, float]) -> None:
+        """Call after values[item] grew."""
+        if item in self.members:
+            return
+        value = values[item]
+        if len(self.members) < self.k:
+            heapq.heappush(self.heap, (value, item))
+            self.members[item] = None
+            return
+        while True:  # the true minimum: refresh stale entries
+            low, member = self.heap[0]
+            current = values[member]
+            if current == low:
+                break
+            heapq.heapreplace(self.heap, (current, member))
+        if value > low:
+            heapq.heapreplace(self.heap, (value, item))
+            del self.members[member]
+            self.members[item] = None
+
+    def best(self, n: int, values: dict[str, float]) -> list[str]:
+        return heapq.nlargest(n, self.members, key=values.__getitem__)
+
+    def rebuild(self, values: dict[str, float]) -> None:
+        best = heapq.nlargest(self.k, values.items(), key=lambda kv: kv[1])
+        self.heap = [(v, k) for k, v in best]
+        heapq.heapify(self.heap)
+        self.members = dict.fromkeys(k for k, _ in best)
+
+
+class _Counter:
+    """Heavy-hitter decayed counts for one segment, bounded to `capacity` items, with
+    the best of each horizon kept ranked (reads cost microseconds, not a pass over
+    thousands of items)."""
+
+    __slots__ = ("capacity", "epoch", "long", "long_top", "short", "short_top")
 
     def __init__(self, capacity: int) -> None:
         self.capacity = capacity
+        self.epoch: float | None = None  # the first event's time, moved by _rebase
         self.long: dict[str, float] = {}
         self.short: dict[str, float] = {}
+        kept = min(_TOP_KEPT, capacity)
+        self.long_top = _TopK(kept)
+        self.short_top = _TopK(kept)
 
     def add(self, item: str, weight: float, ts_s: float) -> None:
-        self.long[item] = self.long.get(item, 0.0) + decay_weight(weight, ts_s, LONG_TAU_S)
-        self.short[item] = self.short.get(item, 0.0) + decay_weight(weight, ts_s, SHORT_TAU_S)
+        if self.epoch is None:
+            self.epoch = ts_s
+        elif ts_s - self.epoch > REBASE_S:
+            self._rebase(ts_s)
+        epoch = self.epoch
+        self.long[item] = self.long.get(item, 0.0) + decay_weight(weight, ts_s, LONG_TAU_S, epoch)
+        self.short[item] = self.short.get(item, 0.0) + decay_weight(
+            weight, ts_s, SHORT_TAU_S, epoch
+        )
+        self.long_top.offer(item, self.long)
+        self.short_top.offer(item, self.short)
         if len(self.long) > 2 * self.capacity:
             keep = heapq.nlargest(self.capacity, self.long.items(), key=lambda kv: kv[1])
             self.long = dict(keep)
             self.short = {k: self.short[k] for k in self.long}
+            self._rerank()
+
+    def _rebase(self, epoch: float) -> None:
+        assert self.epoch is not None
+        shift = epoch - self.epoch
+        f_long, f_short = math.exp(-shift / LONG_TAU_S), math.exp(-shift / SHORT_TAU_S)
+        self.long = {k: v * f_long for k, v in self.long.items()}
+        self.short = {k: v * f_short for k, v in self.short.items()}
+        self.epoch = epoch
+        self._rerank()
+
+    def _rerank(self) -> None:
+        self.long_top.rebuild(self.long)
+        self.short_top.rebuild(self.short)
+
+    def _best(self, n: int, values: dict[str, float], top: _TopK) -> list[str]:
+        if n <= top.k:
+            return top.best(n, values)
+        return [k for k, _ in heapq.nlargest(n, values.items(), key=lambda kv: kv[1])]
 
     def top(self, n: int, trending: bool, now_s: float) -> list[tuple[str, float]]:
+        if self.epoch is None:
+            return []
+        long_now = decayed(1.0, now_s, LONG_TAU_S, self.epoch)
         if not trending:
-            scale = decay_weight(1.0, now_s, LONG_TAU_S)
-            best = heapq.nlargest(n, self.long.items(), key=lambda kv: kv[1])
-            return [(k, v / scale) for k, v in best]
-        # Trending: short-horizon count over a smoothed long-horizon rate.
-        s_scale = decay_weight(1.0, now_s, SHORT_TAU_S)
-        l_scale = decay_weight(1.0, now_s, LONG_TAU_S)
-        ratio = SHORT_TAU_S / LONG_TAU_S
-        scored = (
-            (k, (v / s_scale) / (ratio * self.long[k] / l_scale + 1.0))
-            for k, v in self.short.items()
-        )
-        return heapq.nlargest(n, scored, key=lambda kv: kv[1])
+            return [(k, self.long[k] * long_now) for k in self._best(n, self.long, self.long_top)]
+        pool = self._best(TRENDING_POOL * n, self.short, self.short_top)
+        short = [self.short[k] for k in pool]
+        long = [self.long[k] for k in pool]
+        return trending_scores(pool, short, long, now_s, self.epoch)[:n]
+
+
+def trending_scores(
+    items: Sequence[str],
+    short: Sequence[float],
+    long: Sequence[float],
+    now_s: float,
+    epoch_s: float,
+) -> list[tuple[str, float]]:
+    """Trending, best first: each item's short-horizon count over its smoothed
+    long-horizon rate (sums relative to `epoch_s`), among the items given (the
+    TRENDING_POOL * n most active of the short horizon)."""
+    short_now = decayed(1.0, now_s, SHORT_TAU_S, epoch_s)
+    long_now = decayed(1.0, now_s, LONG_TAU_S, epoch_s)
+    ratio = SHORT_TAU_S / LONG_TAU_S
+    scored = [
+        (k, (s * short_now) / (ratio * lv * long_now + 1.0))
+        for k, s, lv in zip(items, short, long, strict=True)
+    ]
+    scored.sort(key=lambda kv: -kv[1])
+    return scored
 
 
 class MemoryStore:
