@@ -130,7 +130,9 @@ def plan(
     weights = strategy.weights(ctx.device, segment, traffic)
     device = ("*", "mobile", "tablet", "desktop")[ctx.device] if ctx.device else "*"
     keys: dict[str, tuple[str, ...]] = {}
-    if "segment_bestsellers" in weights or "personal" in weights:
+    # Personal picks fall back to bestsellers for a shopper the model cannot place.
+    unplaced = user_row is None and not profile.recent
+    if "segment_bestsellers" in weights or ("personal" in weights and unplaced):
         keys["segment_bestsellers"] = (segment_key(ctx.country, device),)
     if "trending" in weights:
         keys["trending"] = (segment_key(ctx.country, device),)
