@@ -51,3 +51,19 @@ def test_hash_collisions_are_resolved() -> None:
     finally:
         builtins.hash = original
     assert got == [*range(50), -1]
+
+
+def test_recently_looked_up_ids_answer_from_memory_and_stay_right() -> None:
+    from server.domain import catalog
+
+    ids = np.asarray([f"sku-{i}" for i in range(500)])
+    index = IdIndex(compact_ids(ids), small=0)
+    batch = ["sku-7", "sku-3", "new-1", "sku-499"]
+    assert index.lookup(batch).tolist() == [7, 3, -1, 499]
+    assert index._recent == {"sku-7": 7, "sku-3": 3, "sku-499": 499}  # unknowns not kept
+    index.add("new-1", 500)
+    assert index.lookup(batch).tolist() == [7, 3, 500, 499]
+    assert index.lookup(["sku-7", "sku-3"]).tolist() == [7, 3]  # all from memory
+    many = [f"sku-{i}" for i in range(catalog._RECENT_BATCH + 1)]  # too many to keep
+    assert index.lookup(many).tolist() == list(range(catalog._RECENT_BATCH + 1))
+    assert "sku-150" not in index._recent

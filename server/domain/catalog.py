@@ -25,6 +25,8 @@ from server.domain.query import Filters
 _A = TypeVar("_A", bound=np.generic)
 _BUILD_CHUNK = 8_192  # ids per C call at load (each holds the GIL ~2 ms)
 SMALL_ID_INDEX = 100_000  # up to this many ids, a dict (fastest per id; ~100 B per id)
+_RECENT_IDS = 50_000  # rows of recently looked-up ids kept by a large IdIndex (~5 MB)
+_RECENT_BATCH = 200  # lookups of up to this many ids (live lists, seeds) go through them
 
 
 def compact_ids(ids: npt.NDArray[np.str_]) -> npt.NDArray[np.str_ | np.bytes_]:
@@ -73,6 +75,10 @@ class IdIndex:
         self._n = int(ids.shape[0])
         self._live: dict[str, int] = {}
         self._small: dict[str, int] | None = None
+        # Rows of ids looked up lately (live bestseller and trending lists ask for the
+        # same ids on every request): a row never changes once assigned, so entries
+        # never go stale. Cleared when full.
+        self._recent: dict[str, int] = {}
         if self._n <= small:
             self._small = {v: i for i, v in enumerate(ids.astype(str).tolist())}
             return
@@ -99,6 +105,21 @@ class IdIndex:
             return np.fromiter(
                 (small.get(i, live.get(i, -1)) for i in ids), dtype=np.int64, count=m
             )
+        if m > _RECENT_BATCH:  # a search page's candidates: rarely all seen lately
+            return self._hashed(ids, m)
+        recent = self._recent
+        known = [recent.get(i, -1) for i in ids]
+        if -1 not in known:
+            return np.asarray(known, dtype=np.int64)
+        rows = self._hashed(ids, m)
+        if len(recent) + m > _RECENT_IDS:
+            recent.clear()
+        for i, row in zip(ids, rows.tolist(), strict=True):
+            if row >= 0:
+                recent[i] = row
+        return rows
+
+    def _hashed(self, ids: Sequence[str], m: int) -> npt.NDArray[np.int64]:
         listed: list[Any] = [i.encode() for i in ids] if self._bytes else list(ids)
         hq = np.fromiter(map(hash, listed), dtype=np.int64, count=m)
         # Search in ascending order: numpy narrows each search with the previous one, so
