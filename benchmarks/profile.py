@@ -21,7 +21,7 @@ import sys
 import time
 from pathlib import Path
 
-from benchmarks import inproc
+from benchmarks import inproc, realtime
 from benchmarks.catalog import CatalogSpec, ensure_catalog
 from benchmarks.loadgen import LoadClient, LoadSpec
 from benchmarks.servers import start_endcap
@@ -53,7 +53,13 @@ def requests_for(wl: Workload, scenario: str) -> list[Planned]:
     if scenario.startswith("sel="):
         level = float(scenario[4:])
         return wl.sweep(200, (level,))[level]
-    raise ValueError(f"scenario must be one of {SCENARIOS} or sel=<fraction>, got {scenario!r}")
+    if scenario.startswith("placement="):
+        from benchmarks import placements
+
+        return placements.plan(wl.engine, seed=0)[scenario.split("=", 1)[1]]
+    raise ValueError(
+        f"scenario must be one of {SCENARIOS}, sel=<fraction> or placement=<name>, got {scenario!r}"
+    )
 
 
 def summarize(raw: Path, top: int = 40) -> str:
@@ -81,7 +87,17 @@ def summarize(raw: Path, top: int = 40) -> str:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--items", type=int, default=100_000)
-    p.add_argument("--scenario", default="recommend", help=f"{', '.join(SCENARIOS)} or sel=0.01")
+    p.add_argument(
+        "--scenario",
+        default="recommend",
+        help=f"{', '.join(SCENARIOS)}, sel=0.01 or placement=home",
+    )
+    p.add_argument(
+        "--live-events",
+        type=int,
+        default=40_000,
+        help="events streamed first, as endcap bench does (0 = empty live state)",
+    )
     p.add_argument("--seconds", type=float, default=15.0)
     p.add_argument("--concurrency", type=int, default=1)
     p.add_argument("--rate", type=int, default=250, help="py-spy samples per second")
@@ -94,10 +110,14 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     built = ensure_catalog(CatalogSpec(n_items=args.items))
     engine = inproc.load(built.root, {})
-    reqs = requests_for(Workload(engine, seed=0), args.scenario)
-    del engine
+    wl = Workload(engine, seed=0)
+    reqs = requests_for(wl, args.scenario)
+    live = wl.live_events(args.live_events) if args.live_events else []
+    del engine, wl
     args.out.mkdir(parents=True, exist_ok=True)
     server = start_endcap(built.root)
+    if live:
+        print(realtime.send_events(server.target, live))
     raw = args.out / f"{args.scenario.replace('=', '')}-{args.items}.txt"
     cmd = [spy, "record", "--pid", str(server.pid), "--format", "raw", "--rate", str(args.rate)]
     cmd += ["-o", str(raw), "--duration", str(int(args.seconds) + 1)]

@@ -103,12 +103,16 @@ class _TopK:
     every item inside. A min-heap of (value when pushed, item); entries whose item grew
     since are refreshed when they reach the top."""
 
-    __slots__ = ("heap", "k", "members")
+    __slots__ = ("heap", "k", "members", "order", "sorted_at")
 
     def __init__(self, k: int) -> None:
         self.k = k
         self.heap: list[tuple[float, str]] = []
         self.members: dict[str, None] = {}  # insertion-ordered: ties read the same each time
+        # Members best first as of counter version `sorted_at`: re-sorted (nearly in
+        # order already, so cheaply) only after a write.
+        self.order: list[str] = []
+        self.sorted_at = -1
 
     def offer(self, item: str, values: dict[str, float]) -> None:
         """Call after values[item] grew."""
@@ -118,6 +122,7 @@ class _TopK:
         if len(self.members) < self.k:
             heapq.heappush(self.heap, (value, item))
             self.members[item] = None
+            self.order.append(item)
             return
         while True:  # the true minimum: refresh stale entries
             low, member = self.heap[0]
@@ -129,15 +134,22 @@ class _TopK:
             heapq.heapreplace(self.heap, (value, item))
             del self.members[member]
             self.members[item] = None
+            self.order[self.order.index(member)] = item
 
-    def best(self, n: int, values: dict[str, float]) -> list[str]:
-        return heapq.nlargest(n, self.members, key=values.__getitem__)
+    def best(self, n: int, values: dict[str, float], version: int) -> list[str]:
+        """The n best members; `version` counts the counter's writes."""
+        if self.sorted_at != version:
+            self.order.sort(key=values.__getitem__, reverse=True)
+            self.sorted_at = version
+        return self.order[:n]
 
     def rebuild(self, values: dict[str, float]) -> None:
         best = heapq.nlargest(self.k, values.items(), key=lambda kv: kv[1])
         self.heap = [(v, k) for k, v in best]
         heapq.heapify(self.heap)
         self.members = dict.fromkeys(k for k, _ in best)
+        self.order = list(self.members)
+        self.sorted_at = -1
 
 
 class _Counter:
@@ -145,7 +157,7 @@ class _Counter:
     the best of each horizon kept ranked (reads cost microseconds, not a pass over
     thousands of items)."""
 
-    __slots__ = ("capacity", "epoch", "long", "long_top", "short", "short_top")
+    __slots__ = ("capacity", "epoch", "long", "long_top", "short", "short_top", "version")
 
     def __init__(self, capacity: int) -> None:
         self.capacity = capacity
@@ -155,8 +167,10 @@ class _Counter:
         kept = min(_TOP_KEPT, capacity)
         self.long_top = _TopK(kept)
         self.short_top = _TopK(kept)
+        self.version = 0  # writes so far: the kept rankings re-sort only after one
 
     def add(self, item: str, weight: float, ts_s: float) -> None:
+        self.version += 1
         if self.epoch is None:
             self.epoch = ts_s
         elif ts_s - self.epoch > REBASE_S:
@@ -189,7 +203,7 @@ class _Counter:
 
     def _best(self, n: int, values: dict[str, float], top: _TopK) -> list[str]:
         if n <= top.k:
-            return top.best(n, values)
+            return top.best(n, values, self.version)
         return [k for k, _ in heapq.nlargest(n, values.items(), key=lambda kv: kv[1])]
 
     def top(self, n: int, trending: bool, now_s: float) -> list[tuple[str, float]]:
