@@ -402,18 +402,18 @@ def upsert_item(item: pb.CatalogItem, i: int, seen: set[str]) -> ItemUpdate:
         currency=currency,
         countries=countries,
         in_stock=item.in_stock if item.HasField("in_stock") else None,
-        tags=_tags(f"{field}.tags.values", item.tags.values) if item.HasField("tags") else None,
+        tags=(
+            _ids(
+                f"{field}.tags.values",
+                item.tags.values,
+                MAX_ITEM_TAGS,
+                unique=False,
+                chars=MAX_TAG_CHARS,
+            )
+            if item.HasField("tags")
+            else None
+        ),
     )
-
-
-def _tags(field: str, values: Sequence[str]) -> tuple[str, ...]:
-    if len(values) > MAX_ITEM_TAGS:
-        raise InvalidRequest(field, f"must have at most {MAX_ITEM_TAGS} tags, got {len(values)}")
-    for j, tag in enumerate(values):
-        if not tag:
-            raise InvalidRequest(f"{field}[{j}]", "must not be empty")
-        _text(f"{field}[{j}]", tag, MAX_TAG_CHARS)
-    return tuple(dict.fromkeys(values))
 
 
 def delete_items(msg: pb.DeleteItemsRequest) -> tuple[str, ...]:
