@@ -27,6 +27,8 @@ import numpy.typing as npt
 from benchmarks.options import INDEX_KINDS
 from server.artifact import resolve, write_artifact
 from server.domain.filters import pack
+from server.infra.threads import faiss_threads
+from training.ivf import sq8_ivf, train_ivf
 
 # Bump when the generator changes: cached catalogs of another version are rebuilt.
 GENERATOR_VERSION = 4
@@ -304,11 +306,9 @@ def generate_arrays(spec: CatalogSpec) -> tuple[dict[str, npt.NDArray[Any]], dic
 
 def build_index(embeddings: npt.NDArray[np.float32], spec: CatalogSpec) -> faiss.Index:
     """Inner-product index over the item vectors; ids are item rows."""
-    n, d = embeddings.shape
+    d = int(embeddings.shape[1])
     x = np.ascontiguousarray(embeddings, dtype=np.float32)
-    previous = faiss.omp_get_max_threads()
-    faiss.omp_set_num_threads(spec.build_threads or os.cpu_count() or 1)
-    try:
+    with faiss_threads(spec.build_threads or os.cpu_count() or 1):
         index: faiss.Index
         if spec.index == "flat":
             index = faiss.IndexFlatIP(d)
@@ -320,22 +320,10 @@ def build_index(embeddings: npt.NDArray[np.float32], spec: CatalogSpec) -> faiss
                     quantizer, d, nlist, spec.pq_m, 8, faiss.METRIC_INNER_PRODUCT
                 )
             elif spec.index == "ivf_sq8":
-                index = faiss.IndexIVFScalarQuantizer(
-                    quantizer,
-                    d,
-                    nlist,
-                    faiss.ScalarQuantizer.QT_8bit,
-                    faiss.METRIC_INNER_PRODUCT,
-                    False,
-                )
+                index = sq8_ivf(quantizer, d, nlist)
             else:
                 index = faiss.IndexIVFFlat(quantizer, d, nlist, faiss.METRIC_INNER_PRODUCT)
-            index.cp.seed = spec.seed
-            sample = min(n, 64 * nlist)
-            rows = np.random.default_rng(spec.seed).choice(n, size=sample, replace=False)
-            index.train(x[np.sort(rows)])
+            train_ivf(index, x, spec.seed)
             index.nprobe = 32
         index.add(x)
-    finally:
-        faiss.omp_set_num_threads(previous)
     return index

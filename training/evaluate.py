@@ -818,6 +818,7 @@ def _fidelity(
     import faiss
 
     from server.artifact import load_artifact
+    from server.infra.threads import faiss_threads
     from training.export import export_artifact
 
     data, split, config = run.data, run.split, run.config
@@ -841,13 +842,9 @@ def _fidelity(
         index = artifact.index
         seen_ptr, seen = csr_rows(split.history("test").indptr, split.history("test").items, users)
         k = run.k
-        previous = faiss.omp_get_max_threads()
-        faiss.omp_set_num_threads(1)
         t0 = time.perf_counter()
-        try:
+        with faiss_threads(1):
             ann = _ann_top(index, q, seen_ptr, seen, k, served.item_embeddings)
-        finally:
-            faiss.omp_set_num_threads(previous)
         ann_s = time.perf_counter() - t0
         exact = rank(
             lambda u: q[np.searchsorted(users, u)] @ served.item_embeddings.T,

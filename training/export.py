@@ -17,7 +17,9 @@ import numpy as np
 import numpy.typing as npt
 
 from server.artifact import write_artifact
+from server.infra.threads import faiss_threads
 from training.data import ADD_TO_CART, PURCHASE, Dataset
+from training.ivf import sq8_ivf, train_ivf
 from training.protocol import Part
 from training.sequential import ITEM_EMBEDDINGS, SequentialModel
 from training.train import TrainedModel, collapse_events, last_items
@@ -263,32 +265,16 @@ def build_index(
     """
     n, dim = embeddings.shape
     vectors = np.ascontiguousarray(embeddings, dtype=np.float32)
-    previous = faiss.omp_get_max_threads()
-    faiss.omp_set_num_threads(threads)
-    try:
+    with faiss_threads(threads):
         index: faiss.Index
         if n < FLAT_INDEX_MAX_ITEMS:
             index = faiss.IndexFlatIP(dim)
         else:
             nlist = round(4 * math.sqrt(n))
-            quantizer = faiss.IndexFlatIP(dim)
-            index = faiss.IndexIVFScalarQuantizer(
-                quantizer,
-                dim,
-                nlist,
-                faiss.ScalarQuantizer.QT_8bit,
-                faiss.METRIC_INNER_PRODUCT,
-                False,
-            )
-            index.cp.seed = seed
-            # FAISS wants >= 39 points per list; 64 keeps k-means quick and stable.
-            sample = min(n, 64 * nlist)
-            rows = np.random.default_rng(seed).choice(n, size=sample, replace=False)
-            index.train(vectors[np.sort(rows)])
+            index = sq8_ivf(faiss.IndexFlatIP(dim), dim, nlist)
+            train_ivf(index, vectors, seed)
             index.nprobe = IVF_NPROBE
         index.add(vectors)
-    finally:
-        faiss.omp_set_num_threads(previous)
     return index
 
 

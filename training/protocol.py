@@ -482,11 +482,10 @@ def serve_sequential(model: Any, split: Split, k: int = 50) -> Served:
     """
     import tempfile
 
-    import faiss
-
     from server.artifact import load_artifact
     from server.domain.engine import Engine
     from server.domain.query import Context, Profile
+    from server.infra.threads import faiss_threads
     from training.export import export_sequential
     from training.sequential import ITEM_EMBEDDINGS, encode_history
 
@@ -514,12 +513,8 @@ def serve_sequential(model: Any, split: Split, k: int = 50) -> Served:
             encode_s += time.perf_counter() - start
             queries[j] = q
         fetch = min(split.n_items, k + int(seen.sum(axis=1).max(initial=0)))
-        previous = faiss.omp_get_max_threads()
-        faiss.omp_set_num_threads(1)
-        try:
+        with faiss_threads(1):
             _, found = artifact.index.search(queries, fetch)
-        finally:
-            faiss.omp_set_num_threads(previous)
         table = np.asarray(artifact[ITEM_EMBEDDINGS], dtype=np.float32)
     found = found.astype(np.int64)
     ok = (found >= 0) & ~np.take_along_axis(seen, np.maximum(found, 0), axis=1)

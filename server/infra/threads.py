@@ -1,12 +1,17 @@
 """Cap numpy's BLAS thread pool, as FAISS's OpenMP pool is capped: threaded BLAS on
 shared cores spins, and a 10k x 64 matrix-vector product measured 43x slower with
-OpenBLAS's default threads (14.7 ms) than with one (0.34 ms) on a loaded 2-core host."""
+OpenBLAS's default threads (14.7 ms) than with one (0.34 ms) on a loaded 2-core host.
+`faiss_threads` sets FAISS's pool for one block of work."""
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import os
+from collections.abc import Iterator
 from pathlib import Path
+
+import faiss
 
 _SETTERS = (
     "scipy_openblas_set_num_threads64_",
@@ -46,3 +51,14 @@ def limit_blas_threads(n: int) -> int:
                 done += 1
                 break
     return done
+
+
+@contextlib.contextmanager
+def faiss_threads(n: int) -> Iterator[None]:
+    """FAISS's OpenMP pool at `n` threads inside the block, as it was after it."""
+    previous = faiss.omp_get_max_threads()
+    faiss.omp_set_num_threads(n)
+    try:
+        yield
+    finally:
+        faiss.omp_set_num_threads(previous)
