@@ -24,14 +24,14 @@ import faiss
 import numpy as np
 import numpy.typing as npt
 
-from benchmarks.options import INDEX_KINDS
+from benchmarks.options import INDEX_KINDS, LAYOUTS
 from server.artifact import resolve, write_artifact
 from server.domain.filters import pack
 from server.infra.threads import faiss_threads
 from training.ivf import sq8_ivf, train_ivf
 
 # Bump when the generator changes: cached catalogs of another version are rebuilt.
-GENERATOR_VERSION = 4
+GENERATOR_VERSION = 5
 SEGMENT_SIZE = 200
 PRICE_BUCKETS = 16
 
@@ -48,12 +48,15 @@ class CatalogSpec:
     nlist: int = 0  # IVF lists; 0 = 4 * sqrt(n_items)
     pq_m: int = 16  # IVF-PQ sub-quantizers (bytes per vector at 8 bits)
     build_threads: int = 0  # FAISS threads for the build; 0 = all cores
+    layout: str = "category"  # category: rows in category order (as training exports) | shuffled
 
     def __post_init__(self) -> None:
         if self.n_items < 100:
             raise ValueError(f"n_items must be >= 100, got {self.n_items}")
         if self.index not in INDEX_KINDS:
             raise ValueError(f"index must be one of {INDEX_KINDS}, got {self.index!r}")
+        if self.layout not in LAYOUTS:
+            raise ValueError(f"layout must be one of {LAYOUTS}, got {self.layout!r}")
         if self.dim % max(self.pq_m, 1) and self.index == "ivf_pq":
             raise ValueError(f"dim {self.dim} must be a multiple of pq_m {self.pq_m}")
 
@@ -189,6 +192,8 @@ def generate_arrays(spec: CatalogSpec) -> tuple[dict[str, npt.NDArray[Any]], dic
             seed=spec.seed,
         )
     )
+    if spec.layout == "shuffled":  # generate_store lists items in category order
+        ds = ds.reordered(np.random.default_rng(spec.seed + 2).permutation(ds.n_items))
     rng = np.random.default_rng(spec.seed + 1)
     n, d = ds.n_items, spec.dim
     n_cat, n_brand, n_country = len(ds.category_names), len(ds.brand_names), len(ds.country_codes)

@@ -8,6 +8,7 @@ from pathlib import Path
 DEFAULT_ITEMS = 100_000
 DEFAULT_SECONDS = 3.0
 INDEX_KINDS = ("ivf_sq8", "ivf_flat", "ivf_pq", "flat")
+LAYOUTS = ("category", "shuffled")
 LEVELS = "1,0.3,0.1,0.03,0.01,0.003,0.001"
 
 
@@ -21,6 +22,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--plots", type=Path, default=None, help="PNG directory (default: next to --json)"
     )
     p.add_argument("--index", choices=INDEX_KINDS, default="ivf_sq8", help="catalog index")
+    p.add_argument(
+        "--layout",
+        choices=LAYOUTS,
+        default="category",
+        help="catalog row order: category (as training exports it) or shuffled",
+    )
     p.add_argument("--users", type=int, default=20_000, help="synthetic shoppers")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--concurrency", type=int, default=32, help="closed-loop callers (throughput)")

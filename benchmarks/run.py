@@ -216,7 +216,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 def _spec(args: argparse.Namespace, n_items: int, index: str | None = None) -> CatalogSpec:
     return CatalogSpec(
-        n_items=n_items, n_users=args.users, seed=args.seed, index=index or args.index
+        n_items=n_items,
+        n_users=args.users,
+        seed=args.seed,
+        index=index or args.index,
+        layout=args.layout,
     )
 
 

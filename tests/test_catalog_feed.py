@@ -9,6 +9,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 
 import grpc
+import numpy as np
 import pytest
 from test_redis import REDIS, RedisServer
 
@@ -145,7 +146,9 @@ def test_racing_writers_converge(replicas: list[ServerThread], trained: TrainedS
     """Each replica applies the stream in its order, its own writes included, so after
     both writes both hold the later one in stream order."""
     a, b = (stub(r) for r in replicas)
-    item = str(trained.dataset.item_ids[7])
+    ds = trained.dataset
+    sold_in_de = ds.item_countries[:, ds.country_codes.index("DE")] & ds.item_in_stock
+    item = str(ds.item_ids[np.flatnonzero(sold_in_de)[7]])
     rate_ctx = pb.RequestContext(country="DE", currency="EUR")
 
     def price(s: pb_grpc.RecommenderStub) -> float:

@@ -72,6 +72,24 @@ def test_store_respects_its_invariants(tiny: Dataset) -> None:
     assert 0.6 < np.mean(tiny.ev_device == tiny.user_device[tiny.ev_user]) < 0.9
 
 
+def test_items_are_listed_in_category_order(tiny: Dataset) -> None:
+    """Every category (leaves and roots) holds consecutive rows, and reordering items
+    moves their events along: each event keeps its item id."""
+    root = np.where(
+        tiny.category_parent >= 0, tiny.category_parent, np.arange(len(tiny.category_names))
+    )
+    for col in (tiny.item_category, root[tiny.item_category]):
+        changes = np.flatnonzero(np.diff(col)) + 1
+        assert np.unique(col[np.r_[0, changes]]).size == changes.size + 1  # no value twice
+    shuffled = tiny.reordered(np.random.default_rng(0).permutation(tiny.n_items))
+    assert not np.array_equal(shuffled.item_category, tiny.item_category)
+    np.testing.assert_array_equal(shuffled.item_ids[shuffled.ev_item], tiny.item_ids[tiny.ev_item])
+    back = shuffled.clustered()
+    for name in ("item_ids", "item_category", "item_price", "item_countries", "ev_item"):
+        np.testing.assert_array_equal(getattr(back, name), getattr(tiny, name), err_msg=name)
+    assert tiny.clustered() is tiny
+
+
 def test_context_shifts_what_shoppers_browse(tiny: Dataset) -> None:
     """Mobile sessions lean to fashion and beauty, desktop ones to electronics and home."""
     root_of = np.where(

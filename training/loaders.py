@@ -1144,7 +1144,7 @@ def load_shop(files: ShopFiles) -> Loaded:
     for report in reports:
         for line in report.lines():
             logger.info("%s", line)
-    return Loaded(dataset, reports)
+    return Loaded(dataset.clustered(), reports)
 
 
 def _why(report: LoadReport) -> str:

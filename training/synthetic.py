@@ -453,6 +453,7 @@ def generate_store(config: StoreConfig) -> Dataset:
     shoppers = _build_shoppers(config, cat, rng)
     user, item, ts, kind, device = _simulate(config, cat, shoppers, rng)
     country = shoppers.country[user]
+    # Items are listed in category order, as a shop exports them (Dataset.clustered).
     return Dataset(
         name=f"{config.name}-{config.seed}",
         item_ids=_ids("sku-", config.n_items, 7),
@@ -478,7 +479,7 @@ def generate_store(config: StoreConfig) -> Dataset:
         ev_country=country.astype(np.int16),
         item_tags=_tags(config, cat),
         tag_names=TAG_NAMES,
-    )
+    ).clustered()
 
 
 TAG_NAMES = ("high_margin", "clearance")
