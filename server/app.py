@@ -56,6 +56,7 @@ def load_engine(settings: Settings, path: Path | None = None) -> Engine:
         exact_scan_max_items=settings.exact_scan_max_items,
         ann_min_nprobe=settings.ann_min_nprobe,
         ann_overfetch=settings.ann_overfetch,
+        ann_category_factor=settings.ann_category_factor,
     )
     strategies = load_strategies(Path(settings.strategies) if settings.strategies else None)
     engine = Engine(artifact, tuning, live_capacity=settings.live_capacity, strategies=strategies)

@@ -34,6 +34,7 @@ class Settings:
     exact_scan_max_items: int = 20_000  # fewer passing items than this: exact scan
     ann_min_nprobe: int = 64  # IVF lists an unfiltered search probes (recall >= 0.95)
     ann_overfetch: float = 1.5  # fetch k * this from ANN, then mask and truncate
+    ann_category_factor: float = 1.5  # scan this many times more under a category filter
     grace_s: float = 5.0  # drain time for in-flight requests on SIGTERM
     verify_checksums: bool = True
     reload_poll_s: float = 0.0  # >0: watch the artifact root's LATEST and reload on change
@@ -100,8 +101,9 @@ class Settings:
         ):
             if getattr(self, name) < 1:
                 raise SettingsError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.ann_overfetch < 1.0:
-            raise SettingsError(f"ann_overfetch must be >= 1.0, got {self.ann_overfetch}")
+        for name in ("ann_overfetch", "ann_category_factor"):
+            if getattr(self, name) < 1.0:
+                raise SettingsError(f"{name} must be >= 1.0, got {getattr(self, name)}")
         if self.grace_s < 0:
             raise SettingsError(f"grace_s must be >= 0, got {self.grace_s}")
         if self.state_backend not in {"memory", "redis"}:
