@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import mmap
 import operator
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar, overload
@@ -84,11 +85,15 @@ class IdIndex:
             return
         # Python's str hash (per process, cached on each str): ~0.2 s for 1M ids at load,
         # in chunks so a reload in a pool thread lets the event loop take the GIL between
-        # them (one C call over 1M ids held it for ~0.25 s).
+        # them (one C call over 1M ids held it for ~0.25 s). Chunks alone were not
+        # enough: this thread took the GIL back chunk after chunk and a 1 ms ticker on
+        # another thread waited 40-77 ms at a time; sleep(0) hands it over (0 waits
+        # over 15 ms since).
         hashes = np.empty(self._n, dtype=np.int64)
         for start in range(0, self._n, _BUILD_CHUNK):
             part = self._ids[start : start + _BUILD_CHUNK].tolist()
             hashes[start : start + len(part)] = np.fromiter(map(hash, part), np.int64, len(part))
+            time.sleep(0)
         self._order = np.argsort(hashes, kind="stable").astype(np.int64)
         self._hashes = hashes[self._order]
 
