@@ -141,14 +141,19 @@ class Strategies:
     segments: Mapping[str, float] = field(default_factory=dict)  # configured SEGMENT_KEYS
     boosts: tuple[Boost, ...] = ()
     blocked_item_ids: tuple[str, ...] = ()
+    # Traffic sources some strategy weighs (derived).
+    named_sources: frozenset[str] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        named = frozenset(src for s in self.strategies.values() for src in s.source_weights)
+        object.__setattr__(self, "named_sources", named)
 
     def source_label(self, source: str) -> str:
         """A traffic source as a metric label: sources a strategy names, else "other"
         ("none" when unset), so shops' free-form sources cannot grow the label set."""
         if not source:
             return "none"
-        named = any(source in s.source_weights for s in self.strategies.values())
-        return source if named else "other"
+        return source if source in self.named_sources else "other"
 
     def segment_rules(self, learned: SegmentRules | None = None) -> SegmentRules:
         """The VIP rule: each threshold as configured, else learned, else the default."""

@@ -150,6 +150,21 @@ def _rejection(r: Rejected, prefix: str) -> pb.EventRejection:
     return pb.EventRejection(index=r.index, field=f"{prefix}[{r.index}].{r.field}", reason=r.reason)
 
 
+class _Children:
+    """A labelled metric's children by label values, resolved once: labels() takes a
+    lock and builds a key on every call."""
+
+    def __init__(self, metric: Any) -> None:
+        self._metric = metric
+        self._cache: dict[tuple[str, ...], Any] = {}
+
+    def __call__(self, *labels: str) -> Any:
+        child = self._cache.get(labels)
+        if child is None:
+            child = self._cache[labels] = self._metric.labels(*labels)
+        return child
+
+
 class RecommenderServicer(pb_grpc.RecommenderServicer):
     def __init__(
         self,
@@ -169,10 +184,9 @@ class RecommenderServicer(pb_grpc.RecommenderServicer):
         self._reload = reload
         self._budget = budget or BudgetPolicy()
         self._reads = 0  # read calls in flight; catalog batches yield to them
-        # Metric children resolved once: labels() takes a lock and builds a key per call.
-        self._by_plan: dict[str, Any] = {}
+        self._by_plan = _Children(metrics.retrieval)
         self._served = {p: metrics.items_served.labels(n) for p, n in _PROVENANCE_LABELS.items()}
-        self._answers: dict[tuple[str, str, str], Any] = {}  # Recommend answers by labels
+        self._answers = _Children(metrics.recommendations)  # Recommend answers by labels
 
     def _fallback(
         self,
@@ -221,11 +235,7 @@ class RecommenderServicer(pb_grpc.RecommenderServicer):
         start = time.perf_counter()
         answer = run()
         elapsed = time.perf_counter() - start
-        plan = answer.results.plan
-        child = self._by_plan.get(plan)
-        if child is None:
-            child = self._by_plan[plan] = self._metrics.retrieval.labels(plan)
-        child.observe(elapsed)
+        self._by_plan(answer.results.plan).observe(elapsed)
         return answer
 
     async def _profile(self, ctx: Context) -> Profile:
@@ -308,15 +318,11 @@ class RecommenderServicer(pb_grpc.RecommenderServicer):
         return resp
 
     def _count_answer(self, engine: Engine, answer: Answer) -> None:
-        labels = (
+        self._answers(
             answer.strategy or "fallback",
             answer.shopper_segment or "unknown",
             engine.strategies.source_label(answer.traffic_source),
-        )
-        child = self._answers.get(labels)
-        if child is None:
-            child = self._answers[labels] = self._metrics.recommendations.labels(*labels)
-        child.inc()
+        ).inc()
 
     @_guarded
     async def Rerank(self, request: pb.RerankRequest, context: Ctx) -> pb.RerankResponse:
