@@ -5,6 +5,7 @@ counts kept current by live updates, live rows next to a read-only index."""
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 from collections.abc import Iterator
 from pathlib import Path
@@ -61,6 +62,40 @@ def test_filtered_ivf_plan_recall_matches_exact_on_the_same_filter(engine: Engin
             recalls.append(inproc.recall(res.ids, prep.truth))
         assert float(np.mean(recalls)) >= 0.95, (level, np.mean(recalls))
     assert plans.get("ann", 0) >= 25, plans
+
+
+def test_category_filters_scan_more_passing_items(engine: Engine) -> None:
+    """ENDCAP_ANN_CATEGORY_FACTOR raises the scan target of filters naming categories
+    only: price and country filters probe the same lists with or without it."""
+    wl = Workload(engine, seed=11)
+    retriever = engine.retriever
+    base = retriever.tuning
+    seen = {"category": 0, "other": 0}
+    try:
+        for level, planned in wl.sweep(15, (0.3, 0.1, 0.03)).items():
+            for p in planned:
+                prep = inproc.prepare(engine, p)
+                parts = retriever.partitions(prep.flt)
+                est = prep.flt.partition_estimate(parts) if parts is not None else None
+                assert est is not None, level
+                scanned = {}
+                for factor in (1.0, 2.0):
+                    retriever.tuning = dataclasses.replace(base, ann_category_factor=factor)
+                    chosen = retriever.probes(prep.query, prep.flt)
+                    assert chosen is not None
+                    scanned[factor] = float(est[chosen[0]].sum())
+                spec = prep.flt.spec
+                assert spec is not None
+                if spec.include_categories is not None or spec.require_category is not None:
+                    seen["category"] += 1
+                    whole = float(est.sum())  # cannot scan more than every passing item
+                    assert scanned[2.0] >= min(1.9 * scanned[1.0], 0.99 * whole), p.recipe
+                else:
+                    seen["other"] += 1
+                    assert scanned[2.0] == scanned[1.0], p.recipe
+    finally:
+        retriever.tuning = base
+    assert seen["category"] >= 5 and seen["other"] >= 5, seen
 
 
 def test_partition_estimates_sum_to_the_filter_count(engine: Engine) -> None:
