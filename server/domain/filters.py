@@ -213,6 +213,11 @@ def _hull(a: Any, b: Any) -> npt.NDArray[np.int64]:
     return np.array([min(int(a[0]), int(b[0])), max(int(a[1]), int(b[1]))], dtype=np.int64)
 
 
+def _hull_all(spans: npt.NDArray[np.int64]) -> tuple[int, int]:
+    """The hull of (m, 2) spans; empty when m is 0."""
+    return (int(spans[:, 0].min()), int(spans[:, 1].max())) if spans.size else _NO_SPAN
+
+
 def _meet(a: tuple[int, int], b: Any) -> tuple[int, int]:
     return max(a[0], int(b[0])), min(a[1], int(b[1]))
 
@@ -313,7 +318,8 @@ class FilterIndex:
 
     @staticmethod
     def _spans(values: npt.NDArray[np.int32], k: int) -> npt.NDArray[np.int64]:
-        """(k, 2) word spans [lo, hi) of the rows holding each value (-1: none)."""
+        """(k, 2) word spans [lo, hi) of the rows holding each value 0..k-1 (negative
+        values hold no row)."""
         spans = np.tile(np.array(_NO_SPAN, dtype=np.int64), (k, 1))
         rows = np.flatnonzero(values >= 0)
         if rows.size:
@@ -475,18 +481,13 @@ class FilterIndex:
         """The word spans that can hold rows passing `spec`: trained rows inside every
         category and brand span it requires, and the live tail."""
         span = (0, n_words(self.n))
-        if spec.include_categories is not None:
-            inc = (
-                self.category_span[list(spec.include_categories)]
-                if spec.include_categories
-                else None
-            )
-            span = _meet(span, _NO_SPAN if inc is None else (inc[:, 0].min(), inc[:, 1].max()))
+        if spec.include_categories is not None:  # in any of them: the hull of their spans
+            span = _meet(span, _hull_all(self.category_span[list(spec.include_categories)]))
         if spec.require_category is not None:
             span = _meet(span, self.category_span[spec.require_category])
         if spec.brands is not None:
-            br = self.brand_span[[b for b in spec.brands if b < self.brand_span.shape[0]]]
-            span = _meet(span, (br[:, 0].min(), br[:, 1].max()) if br.size else _NO_SPAN)
+            known = [b for b in spec.brands if b < self.brand_span.shape[0]]
+            span = _meet(span, _hull_all(self.brand_span[known]))
         tail = (self.n >> 6, n_words(self.end_row)) if self.end_row > self.n else (0, 0)
         return _merge([span, tail])
 

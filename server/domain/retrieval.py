@@ -103,7 +103,7 @@ class SearchTuning:
     ann_overfetch: float = 1.5
     # Category filters select a region of the embedding space: the nearest passing
     # items spread over more of its lists than a price or country filter's do. At 1M
-    # items, 1.5x keeps recall@20 of root and leaf filters at 0.93-0.97 (0.86-0.93
+    # items, 1.5x keeps recall@20 of root and leaf filters at 0.93-0.97 (0.89-0.93
     # without) at 3-10% selectivity (benchmarks/README.md).
     ann_category_factor: float = 1.5
 
