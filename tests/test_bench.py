@@ -248,6 +248,33 @@ def test_load_targets_must_be_loopback() -> None:
             check_loopback(bad)
 
 
+def test_catalog_layouts_hold_the_same_items_in_another_order() -> None:
+    """--layout category keeps each leaf's rows contiguous (as training exports);
+    --layout shuffled is the same catalog in random order."""
+    from benchmarks.catalog import generate_arrays
+
+    spec = CatalogSpec(n_items=3_000, n_users=300, seed=2)
+    by_layout = {
+        lay: generate_arrays(dataclasses.replace(spec, layout=lay))[0]
+        for lay in ("category", "shuffled")
+    }
+    for name, arrays in by_layout.items():
+        leaf = arrays["item_category"]
+        runs = 1 + int(np.count_nonzero(np.diff(leaf)))
+        contiguous = runs == np.unique(leaf).size
+        assert contiguous == (name == "category"), name
+    ids = {lay: a["item_ids"].tolist() for lay, a in by_layout.items()}
+    assert ids["category"] != ids["shuffled"] and sorted(ids["category"]) == sorted(ids["shuffled"])
+    row = {item: i for i, item in enumerate(ids["shuffled"])}
+    order = np.array([row[item] for item in ids["category"]])
+    for column in ("item_category", "item_brand", "item_price", "item_in_stock"):
+        np.testing.assert_array_equal(
+            by_layout["category"][column], by_layout["shuffled"][column][order], err_msg=column
+        )
+    with pytest.raises(ValueError, match="layout"):
+        CatalogSpec(layout="sorted")
+
+
 def test_bench_smoke(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """One tiny run of every section; no timing asserts, only that it measured."""
     from benchmarks.placements import PLACEMENTS
