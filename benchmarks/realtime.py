@@ -23,6 +23,7 @@ from google.protobuf import timestamp_pb2
 from benchmarks.loadgen import SERVICE, check_loopback
 from benchmarks.servers import HOST, ServerProcess, free_port
 from endcap.v1 import recommender_pb2 as pb
+from endcap.v1 import recommender_pb2_grpc as pb_grpc
 
 
 @dataclass
@@ -114,11 +115,7 @@ def reload_under_load(
 
     async def run() -> dict[str, Any]:
         async with grpc.aio.insecure_channel(target) as channel:
-            reload = channel.unary_unary(
-                SERVICE + "ReloadModel",
-                request_serializer=pb.ReloadModelRequest.SerializeToString,
-                response_deserializer=pb.ReloadModelResponse.FromString,
-            )
+            reload = pb_grpc.RecommenderStub(channel).ReloadModel
             outcomes: list[str] = []
 
             async def action() -> list[tuple[float, float]]:
@@ -164,11 +161,7 @@ def upsert_under_load(
         async with grpc.aio.insecure_channel(
             target, options=[("grpc.max_send_message_length", 64 * 1024 * 1024)]
         ) as channel:
-            upsert = channel.unary_unary(
-                SERVICE + "UpsertItems",
-                request_serializer=pb.UpsertItemsRequest.SerializeToString,
-                response_deserializer=pb.UpsertItemsResponse.FromString,
-            )
+            upsert = pb_grpc.RecommenderStub(channel).UpsertItems
             result: dict[str, Any] = {}
 
             async def action() -> list[tuple[float, float]]:
@@ -230,11 +223,7 @@ def send_events(target: str, requests: list[pb.TrackEventsRequest]) -> dict[str,
     accepted = rejected = 0
     t0 = time.perf_counter()
     with grpc.insecure_channel(target) as channel:
-        track = channel.unary_unary(
-            SERVICE + "TrackEvents",
-            request_serializer=pb.TrackEventsRequest.SerializeToString,
-            response_deserializer=pb.TrackEventsResponse.FromString,
-        )
+        track = pb_grpc.RecommenderStub(channel).TrackEvents
         for req in requests:
             reply = track(req, timeout=30)
             accepted += reply.accepted
@@ -270,16 +259,8 @@ def freshness(
         grpc.insecure_channel(track_target) as tch,
         grpc.insecure_channel(read_target) as rch,
     ):
-        track = tch.unary_unary(
-            SERVICE + "TrackEvents",
-            request_serializer=pb.TrackEventsRequest.SerializeToString,
-            response_deserializer=pb.TrackEventsResponse.FromString,
-        )
-        rec = rch.unary_unary(
-            SERVICE + "Recommend",
-            request_serializer=pb.RecommendRequest.SerializeToString,
-            response_deserializer=pb.RecommendResponse.FromString,
-        )
+        track = pb_grpc.RecommenderStub(tch).TrackEvents
+        rec = pb_grpc.RecommenderStub(rch).Recommend
         for user, item in zip(users, view_items, strict=False):
             ctx = pb.RequestContext(
                 user_id=user,
