@@ -716,8 +716,8 @@ def _read_items(files: ShopFiles) -> _Catalog:
         else:
             countries = pa.array([[]] * size, type=pa.list_(pa.string()))
         if "tags" in cols:
-            split = pc.split_pattern_regex(pc.utf8_trim_whitespace(text["tags"]), r"\s*[|;,]\s*")
-            tags = split  # empty entries are dropped with the vocabulary (_item_tags)
+            # Empty entries are dropped with the vocabulary (_item_tags).
+            tags = pc.split_pattern_regex(pc.utf8_trim_whitespace(text["tags"]), r"\s*[|;,]\s*")
         else:
             tags = pa.array([[]] * size, type=pa.list_(pa.string()))
         for name in ("category", "brand"):
