@@ -24,7 +24,7 @@ from benchmarks.promscrape import HANDLING, parse
 from benchmarks.workload import Workload
 from server.domain.catalog import ItemUpdate
 from server.domain.engine import Engine
-from server.domain.filters import Partitions, pack, to_ids
+from server.domain.filters import Partitions, pack, sparse_ids, to_ids, unpacked_ids
 
 ENV = {"ENDCAP_EXACT_SCAN_MAX_ITEMS": "100"}  # small catalog, but exercise the IVF plan
 
@@ -213,7 +213,8 @@ def test_brand_filters_follow_live_brand_changes(engine: Engine) -> None:
 @given(st.lists(st.booleans(), min_size=0, max_size=700), st.integers(0, 3))
 def test_to_ids_lists_set_bits_ascending(bits: list[bool], shift: int) -> None:
     mask: npt.NDArray[np.bool_] = np.array([False] * shift + bits, dtype=bool)
-    np.testing.assert_array_equal(to_ids(pack(mask)), np.flatnonzero(mask))
+    for ids in (to_ids, unpacked_ids, sparse_ids):  # to_ids picks one by the bitmap's size
+        np.testing.assert_array_equal(ids(pack(mask)), np.flatnonzero(mask), err_msg=ids.__name__)
 
 
 def test_prometheus_histogram_diff_and_quantiles() -> None:

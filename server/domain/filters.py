@@ -68,14 +68,30 @@ _BYTE_START = np.concatenate([[0], np.cumsum(_BYTE_COUNT)[:-1]]).astype(np.int64
 _BYTE_BITS = np.array([j for v in range(256) for j in range(8) if v >> j & 1], dtype=np.int64)
 
 
-def to_ids(bits: npt.NDArray[np.uint64]) -> npt.NDArray[np.int64]:
-    """Ascending ids of the set bits; cost grows with the non-zero bytes only.
+_UNPACK_MAX_WORDS = 4096
 
-    Non-zero words, then their non-zero bytes, then each byte's set bits from a
-    256-entry table: no 64-way unpacking of every word (4-5x faster at 1-5%
-    density on 1M items). `x != 0` before flatnonzero: numpy's bool path is ~4x
-    faster than its integer one.
+
+def to_ids(bits: npt.NDArray[np.uint64]) -> npt.NDArray[np.int64]:
+    """Ascending ids of the set bits.
+
+    A span of up to _UNPACK_MAX_WORDS words (a category's) is unpacked bit by bit:
+    4-10x faster than sparse_ids for a 300-word span at any density, still ahead at
+    3,000 words. A whole 1M catalog's bitmap goes through sparse_ids, whose cost grows
+    with the non-zero bytes only (4x faster than unpacking at 0.1% density, 1.6x at
+    1%, even at 10%).
     """
+    return unpacked_ids(bits) if bits.shape[0] <= _UNPACK_MAX_WORDS else sparse_ids(bits)
+
+
+def unpacked_ids(bits: npt.NDArray[np.uint64]) -> npt.NDArray[np.int64]:
+    unpacked = np.unpackbits(bits.view(np.uint8), bitorder="little").view(np.bool_)
+    return np.flatnonzero(unpacked)
+
+
+def sparse_ids(bits: npt.NDArray[np.uint64]) -> npt.NDArray[np.int64]:
+    """Non-zero words, then their non-zero bytes, then each byte's set bits from a
+    256-entry table. `x != 0` before flatnonzero: numpy's bool path is ~4x faster than
+    its integer one (why unpacked_ids views its 0/1 bytes as bools)."""
     nz_words = np.flatnonzero(bits != 0)
     if nz_words.size == 0:
         return np.empty(0, dtype=np.int64)
