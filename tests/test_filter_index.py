@@ -86,6 +86,31 @@ def test_rows_moved_outside_a_span_are_still_found() -> None:
     assert _passing(fi, brand=1)[-1] == n + 3
 
 
+def test_narrow_filters_are_kept_as_their_spans_words() -> None:
+    """A reused filter costs the cache its spans' words, not a catalog-wide bitmap."""
+    n = 64 * 40
+    fi = FilterIndex(
+        category=np.repeat(np.array([2, 3, 4, 5], dtype=np.int32), n // 4),
+        category_parent=PARENT,
+        brand=np.zeros(n, dtype=np.int32),
+        n_brands=1,
+        price=np.ones(n),
+        in_stock=np.ones(n, dtype=bool),
+        country_bits=pack(np.ones(n, dtype=bool))[None, :],
+        capacity=n,
+    )
+    leaf, everything = FilterSpec(include_categories=(3,)), FilterSpec(country=0)
+    first = {spec: fi.compile(spec) for spec in (leaf, everything)}
+    kept = {spec: fi._compiled[spec] for spec in (leaf, everything)}
+    assert not kept[leaf].whole and kept[leaf].words.shape == (10,)  # leaf 3: words 10-19
+    assert kept[everything].whole and kept[everything].words is first[everything].bits
+    for spec in (leaf, everything):
+        again = fi.compile(spec)
+        np.testing.assert_array_equal(again.bits, first[spec].bits)
+        assert again.passing_ids().tolist() == first[spec].passing_ids().tolist()
+    assert fi.compile(leaf).passing_ids().tolist() == list(range(640, 1280))
+
+
 @st.composite
 def _catalogs(draw: st.DrawFn) -> tuple[dict[str, Any], list[tuple[str, int, int]], FilterSpec]:
     """A catalog (rows in category order or not), live changes, and a filter spec."""
@@ -202,3 +227,6 @@ def test_compiled_ids_equal_a_check_of_every_row(case: Any) -> None:
     flt = fi.compile(spec)
     assert flt.passing_ids().tolist() == np.flatnonzero(ok).tolist()
     assert flt.passes(np.arange(cap)).tolist() == ok.tolist()
+    again = fi.compile(spec)  # reused: rebuilt from the words kept (narrow) or shared (broad)
+    np.testing.assert_array_equal(again.bits, flt.bits)
+    assert again.estimate == flt.estimate and again.spans == flt.spans

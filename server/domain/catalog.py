@@ -299,8 +299,11 @@ class Catalog:
         if country:
             row = self.country_row(country)
             country_idx = -1 if row is None else row
-        excluded = self.lookup(filters.exclude_item_ids)
-        excluded = np.concatenate([excluded[excluded >= 0], np.asarray(extra_exclude, np.int64)])
+        excluded: tuple[int, ...] = ()
+        if filters.exclude_item_ids or len(extra_exclude):
+            rows = self.lookup(filters.exclude_item_ids)
+            rows = np.concatenate([rows[rows >= 0], np.asarray(extra_exclude, np.int64)])
+            excluded = tuple(np.unique(rows).tolist())
         include = None
         if filters.include_categories:
             include = tuple(
@@ -324,7 +327,7 @@ class Catalog:
             ),
             brands=brands,
             in_stock_only=filters.in_stock_only,
-            exclude_items=tuple(int(i) for i in np.unique(excluded)),
+            exclude_items=excluded,
         )
 
     # Live catalog.
