@@ -383,3 +383,48 @@ def test_reload_keeps_live_changes_and_refuses_bad_versions(
         rt.ReloadModel(pb.ReloadModelRequest(version="../etc"))
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert rt.Recommend(pb.RecommendRequest()).model_version == version
+
+
+def test_query_vector_weighs_the_session_over_the_trained_history(
+    trained: TrainedStore,
+) -> None:
+    """q = user + P @ weighted mean(history) + device + country (server/artifact.py):
+    trained items weigh 1, a session item 1 + session_boost * 2^(-age / half-life)."""
+    from server.domain.engine import Engine
+    from server.domain.query import Context, Profile
+
+    engine = Engine(load_artifact(trained.artifacts))
+    a = engine.artifact
+    user = str(a["user_ids"][5])
+    lo, hi = a["user_history_indptr"][5], a["user_history_indptr"][6]
+    history = a["user_history_items"][max(lo, hi - engine.history_length) : hi]
+    ctx = Context(user_id=user, country="DE", device=int(Device.MOBILE))
+    base = (
+        a["context_device"][int(Device.MOBILE)]
+        + a["context_country"][engine.country_row("DE")]
+        + a["user_embeddings"][5]
+    )
+    emb, proj, blend = a["item_embeddings"], a["history_projection"], engine.blend
+
+    q, personal = engine.encode(ctx, Profile(), 100.0)
+    assert personal and hi > lo
+    np.testing.assert_allclose(q, base + proj @ emb[history].mean(axis=0), atol=1e-5)
+
+    # Two session items, seen 0 s and one half-life ago (newest first), one unknown id.
+    ids = [str(i) for i in a["item_ids"][[7, 9]]]
+    half = blend.session_half_life_s
+    recent = ((ids[0], 100.0), ("no-such-item", 100.0), (ids[1], 100.0 - half))
+    weights = np.concatenate([np.ones(len(history)), 1 + blend.session_boost * np.array([1, 0.5])])
+    rows = np.concatenate([history, [7, 9]])
+    want = base + proj @ (weights @ emb[rows] / weights.sum())
+    q, personal = engine.encode(ctx, Profile(recent=recent), 100.0)
+    np.testing.assert_allclose(q, want, atol=1e-5)
+
+    # A shopper known only by the session: personal; nothing known: context only.
+    anon = Context(session_id="s", country="DE", device=int(Device.MOBILE))
+    q, personal = engine.encode(anon, Profile(recent=recent[:1]), 100.0)
+    assert personal
+    np.testing.assert_allclose(q, base - a["user_embeddings"][5] + proj @ emb[7], atol=1e-5)
+    q, personal = engine.encode(anon, Profile(), 100.0)
+    assert not personal
+    np.testing.assert_allclose(q, base - a["user_embeddings"][5], atol=1e-6)

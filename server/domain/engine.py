@@ -168,23 +168,24 @@ class Engine:
         if user_row is not None:
             q = q + self.user_embeddings[user_row]
         trained = self._trained_history(user_row)
-        session_ids = [item for item, _ in profile.recent[: self.history_length]]
-        session_rows = self.catalog.lookup(session_ids) if session_ids else np.empty(0, np.int64)
-        keep = session_rows >= 0
-        session_rows = session_rows[keep]
-        ages = np.array([now_s - ts for _, ts in profile.recent[: self.history_length]])[keep]
-        rows = np.concatenate([trained, session_rows])
-        if rows.size and self.encoder is not None:
+        rows, weights = trained, None  # no session: the trained history's plain mean
+        if profile.recent:
+            recent = profile.recent[: self.history_length]
+            session = self.catalog.lookup([item for item, _ in recent])
+            keep = session >= 0
             # Oldest first, the session's items last (profile lists are newest first).
-            rows = np.concatenate([trained, session_rows[::-1]])
-            q = q + self.encoder.encode(self.vectors.take(rows[-self.encoder.max_len :]))
-        elif rows.size:
+            rows = np.concatenate([trained, session[keep][::-1]])
+            ages = np.array([now_s - ts for _, ts in recent])[keep][::-1]
             b = blend or self.blend
             decay = np.exp2(-np.maximum(ages, 0.0) / b.session_half_life_s)
             weights = np.concatenate([np.ones(trained.shape[0]), 1.0 + b.session_boost * decay])
-            history = (weights[:, None] * self.vectors.take(rows)).sum(axis=0) / weights.sum()
+        if rows.size and self.encoder is not None:
+            q = q + self.encoder.encode(self.vectors.take(rows[-self.encoder.max_len :]))
+        elif rows.size:
+            vectors = self.vectors.take(rows)
+            history = vectors.mean(axis=0) if weights is None else weights @ vectors / weights.sum()
             q = q + self.history_projection @ history
-        return q.astype(np.float32, copy=False), user_row is not None or session_rows.size > 0
+        return q.astype(np.float32, copy=False), user_row is not None or rows.size > trained.size
 
     def _compile(
         self, ctx: Context, filters: Filters, extra_exclude: npt.NDArray[np.int64] | None = None
