@@ -86,6 +86,8 @@ def poll(what: str, check: Callable[[], T | None], timeout_s: float = 60.0) -> T
         try:
             value = check()
         except (OSError, ValueError, KeyError) as exc:
+            if isinstance(exc, urllib.error.HTTPError):
+                exc.close()  # a 503 while starting holds its socket until collected
             last_error, value = exc, None
         if value is not None:
             return value
@@ -859,7 +861,8 @@ def prom_api(base: str, path: str, **params: str) -> dict[str, Any]:
         with urllib.request.urlopen(url, timeout=10) as reply:
             body: dict[str, Any] = json.loads(reply.read())
     except urllib.error.HTTPError as exc:  # 400/422 carry the parse or eval error
-        body = json.loads(exc.read())
+        with exc:
+            body = json.loads(exc.read())
     return body
 
 
