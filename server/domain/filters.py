@@ -232,6 +232,7 @@ class _Kept:
     @classmethod
     def of(cls, bits: npt.NDArray[np.uint64], estimate: int, spans: Spans) -> _Kept:
         if 2 * sum(hi - lo for lo, hi in spans) >= bits.shape[0]:
+            bits.flags.writeable = False  # shared by every request with these filters
             return cls(bits, True, estimate, {}, spans)
         words = np.concatenate([bits[lo:hi] for lo, hi in spans]) if spans else bits[:0]
         return cls(words, False, estimate, {}, spans)
@@ -241,6 +242,7 @@ class _Kept:
         return int(self.words.nbytes) + _MEMO_ALLOWANCE_BYTES
 
     def bitmap(self, n_words: int) -> npt.NDArray[np.uint64]:
+        """The whole bitmap: the kept one (shared), or a fresh one from the words."""
         if self.whole:
             return self.words
         bits = np.zeros(n_words, dtype=U64)
@@ -248,7 +250,6 @@ class _Kept:
         for lo, hi in self.spans:
             bits[lo:hi] = self.words[start : start + hi - lo]
             start += hi - lo
-        bits.flags.writeable = False
         return bits
 
 
@@ -495,8 +496,8 @@ class FilterIndex:
 
     def compile(self, spec: FilterSpec) -> Compiled:
         """The request's bitmap: repeated filters (the same country, stock, categories,
-        brands and prices) reuse the bitmap compiled last time, then clear their
-        excluded items in a copy."""
+        brands and prices) reuse what was compiled last time (_Kept), then clear their
+        excluded items (in a copy if the bitmap is shared)."""
         base = dataclasses.replace(spec, exclude_items=()) if spec.exclude_items else spec
         kept = self._compiled.get(base)
         if kept is None:
@@ -504,7 +505,6 @@ class FilterIndex:
             bits = np.zeros_like(self.alive_bits)
             for lo, hi in spans:
                 bits[lo:hi] = self._bits(base, slice(lo, hi))
-            bits.flags.writeable = False  # shared by every request with these filters
             kept = _Kept.of(bits, sum(count(bits[lo:hi]) for lo, hi in spans), spans)
             self._keep(base, kept)
         else:
@@ -515,9 +515,11 @@ class FilterIndex:
         if spec.exclude_items:
             excluded = np.unique(np.asarray(spec.exclude_items, dtype=np.int64))
             estimate -= int(test_ids(bits, excluded).sum())
-            bits = bits.copy()
+            if kept.whole:  # the cache's bitmap: this request's exclusions go in a copy
+                bits = bits.copy()
             clear_ids(bits, excluded)
             memo = {}
+        bits.flags.writeable = False  # requests with these filters may share it
         return Compiled(
             bits=bits,
             estimate=estimate,
