@@ -14,6 +14,8 @@ from conftest import ServerThread, TrainedStore, make_settings
 from endcap.v1 import recommender_pb2 as pb
 from endcap.v1 import recommender_pb2_grpc as pb_grpc
 from server.artifact import load_artifact
+from server.domain.engine import Engine
+from server.domain.query import Context, Profile
 from server.state.eventlog import read_events
 
 Device = pb.RequestContext.Device
@@ -390,9 +392,6 @@ def test_query_vector_weighs_the_session_over_the_trained_history(
 ) -> None:
     """q = user + P @ weighted mean(history) + device + country (server/artifact.py):
     trained items weigh 1, a session item 1 + session_boost * 2^(-age / half-life)."""
-    from server.domain.engine import Engine
-    from server.domain.query import Context, Profile
-
     engine = Engine(load_artifact(trained.artifacts))
     a = engine.artifact
     user = str(a["user_ids"][5])
