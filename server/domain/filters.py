@@ -265,6 +265,11 @@ def _set(bits: npt.NDArray[np.uint64], row: int, on: bool) -> None:
 _NO_SPAN = (1 << 62, 0)  # empty: the identity of _hull, the zero of _meet
 
 
+def _no_spans(k: int) -> npt.NDArray[np.int64]:
+    """(k, 2) empty spans."""
+    return np.tile(np.array(_NO_SPAN, dtype=np.int64), (k, 1))
+
+
 def _hull(a: Any, b: Any) -> npt.NDArray[np.int64]:
     """The smallest word span covering spans a and b."""
     return np.array([min(int(a[0]), int(b[0])), max(int(a[1]), int(b[1]))], dtype=np.int64)
@@ -376,7 +381,7 @@ class FilterIndex:
     def _spans(values: npt.NDArray[np.int32], k: int) -> npt.NDArray[np.int64]:
         """(k, 2) word spans [lo, hi) of the rows holding each value 0..k-1 (negative
         values hold no row)."""
-        spans = np.tile(np.array(_NO_SPAN, dtype=np.int64), (k, 1))
+        spans = _no_spans(k)
         rows = np.flatnonzero(values >= 0)
         if rows.size:
             v = values[rows].astype(np.int64)
@@ -454,9 +459,7 @@ class FilterIndex:
                 _set(self.brand_moved, row, True)
             self.brand_extra.setdefault(new, set()).add(row)
             if new >= self.brand_span.shape[0]:  # a brand added live
-                grow = np.tile(
-                    np.array(_NO_SPAN, dtype=np.int64), (new + 1 - len(self.brand_span), 1)
-                )
+                grow = _no_spans(new + 1 - len(self.brand_span))
                 self.brand_span = np.vstack([self.brand_span, grow])
             self._widen(self.brand_span, new, row)
         if price is not None:
