@@ -90,16 +90,7 @@ def test_rows_moved_outside_a_span_are_still_found() -> None:
 def test_narrow_filters_are_kept_as_their_spans_words() -> None:
     """A reused filter costs the cache its spans' words, not a catalog-wide bitmap."""
     n = 64 * 40
-    fi = FilterIndex(
-        category=np.repeat(np.array([2, 3, 4, 5], dtype=np.int32), n // 4),
-        category_parent=PARENT,
-        brand=np.zeros(n, dtype=np.int32),
-        n_brands=1,
-        price=np.ones(n),
-        in_stock=np.ones(n, dtype=bool),
-        country_bits=pack(np.ones(n, dtype=bool))[None, :],
-        capacity=n,
-    )
+    fi = _index(np.repeat([2, 3, 4, 5], n // 4).tolist(), capacity=n)
     leaf, everything = FilterSpec(include_categories=(3,)), FilterSpec(country=0)
     first = {spec: fi.compile(spec) for spec in (leaf, everything)}
     kept = {spec: fi._compiled[spec] for spec in (leaf, everything)}
