@@ -191,15 +191,35 @@ class Compiled:
 
     def partition_estimate(self, partitions: Partitions) -> npt.NDArray[np.float64] | None:
         """Expected passing items in each partition of `partitions`; None if unknown."""
+        pe = self.partition_estimates(partitions)
+        if pe is None:
+            return None
+        return pe.unscaled * (self.estimate / pe.total) if pe.total > 0 else pe.unscaled.copy()
+
+    def partition_estimates(self, partitions: Partitions) -> PartitionEstimate | None:
+        """The per-partition estimates before rescaling to this filter's count, and what
+        list choice derives from them; None if unknown."""
         if self.spec is None or self.source is None or self.source.partitions is not partitions:
             return None
         # Excluded items do not enter the estimate: share it across such requests.
-        cached = self.shared.get("partition_estimate")
-        if cached is None or cached[0] is not partitions:
-            cached = (partitions, *partitions.unscaled_estimate(self.spec, self.source))
-            self.shared["partition_estimate"] = cached
-        _, est, got = cached
-        return est * (self.estimate / got) if got > 0 else est.copy()
+        pe: PartitionEstimate | None = self.shared.get("partition_estimate")
+        if pe is None or pe.partitions is not partitions:
+            unscaled, total = partitions.unscaled_estimate(self.spec, self.source)
+            pe = PartitionEstimate(partitions, unscaled, total, np.flatnonzero(unscaled > 0))
+            self.shared["partition_estimate"] = pe
+        return pe
+
+
+@dataclass(frozen=True, slots=True)
+class PartitionEstimate:
+    """A filter's expected passing items per partition, before rescaling to its exact
+    count (`Compiled.estimate`), with the partitions expected to hold any. Kept with the
+    compiled filter: every request with the same filters bar exclusions reuses it."""
+
+    partitions: Partitions
+    unscaled: npt.NDArray[np.float64]
+    total: float  # unscaled.sum()
+    holding: npt.NDArray[np.int64]  # ascending partitions with unscaled > 0
 
 
 def _concat(parts: list[npt.NDArray[np.int64]]) -> npt.NDArray[np.int64]:

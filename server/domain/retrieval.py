@@ -261,30 +261,38 @@ class Retriever:
         filter's per-list counts are unknown."""
         layout = self.layout
         parts = self.partitions(flt)
-        est = flt.partition_estimate(parts) if parts is not None else None
-        if layout is None or est is None:
+        pe = flt.partition_estimates(parts) if parts is not None else None
+        if layout is None or pe is None:
             return None
-        cs = layout.centroids @ query
-        holding = np.flatnonzero(est > 0)
+        holding = pe.holding
+        if holding.shape[0] == 0:
+            return np.empty(0, np.int64), np.empty(0, np.float32)
         # Passing items to scan: an unfiltered search scans ann_min_nprobe lists; a
         # filter passing a fraction s of the catalog needs fewer passing items for the
         # same recall (its top k are deeper neighbours, spread over more lists):
         # s ** (1/3) fits recall >= 0.95 from 100% down to 3% on the bench catalog.
         selectivity = min(1.0, flt.estimate / max(self.n, 1))
-        per_list = self.n_index / layout.nlist
-        target = self.tuning.ann_min_nprobe * per_list * selectivity ** (1 / 3)
+        target = self.tuning.ann_min_nprobe * self.n_index / layout.nlist * selectivity ** (1 / 3)
         spec = flt.spec
         if spec is not None and (
             spec.include_categories is not None or spec.require_category is not None
         ):
             target *= self.tuning.ann_category_factor
-        target = min(target * boost, float(est.sum()))
+        # In the estimate's own (unscaled) units: scaling 4,000 estimates per request
+        # would cost more than the arithmetic on one number.
+        est = pe.unscaled
+        target = min(target * boost * pe.total / max(flt.estimate, 1), pe.total)
+        cs = layout.centroids @ query
         # Sort only the best-scoring lists that can reach the target (a few x its
-        # expected count); sort them all only if those fall short.
-        guess = 4 * math.ceil(target / max(float(est[holding].mean()), 1e-9)) + 16
+        # expected count); sort them all only if those fall short. Most filters' items
+        # sit in every list: then the lists are the holding ones, no gather needed.
+        every = holding.shape[0] == layout.nlist
+        guess = 4 * math.ceil(target * holding.shape[0] / pe.total) + 16
         order = holding
         if guess < holding.shape[0]:
-            top = holding[np.argpartition(-cs[holding], guess)[:guess]]
+            held = cs if every else cs[holding]
+            top = np.argpartition(held, held.shape[0] - guess)[-guess:]
+            top = top if every else holding[top]
             if float(est[top].sum()) >= target:
                 order = top
         order = order[np.argsort(-cs[order], kind="stable")]
