@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from server.domain import catalog
 from server.domain.catalog import IdIndex, compact_ids
 
 _ID = st.text(st.characters(min_codepoint=33, max_codepoint=0x2FF), min_size=1, max_size=12)
@@ -36,26 +38,41 @@ def test_lookup_matches_a_dict(
     assert len(index) == len(ids) + 1
 
 
-def test_hash_collisions_are_resolved() -> None:
-    ids = np.asarray([f"id-{i}" for i in range(50)])
-    index = IdIndex(ids, small=0)
-    # Force every id into one hash bucket: lookups must still find each one.
-    index._hashes[:] = 7
-    index._order = np.arange(50, dtype=np.int64)
+def test_hash_collisions_and_full_buckets_are_resolved(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every id with one hash: one bucket holds 8 of them, all with the same fingerprint,
+    and the rest spill over. Lookups (batched and one by one) must still find each."""
     import builtins
 
-    original = builtins.hash
-    builtins.hash = lambda _x: 7
-    try:
-        got = index.lookup([*ids.tolist(), "nope"]).tolist()
-    finally:
-        builtins.hash = original
-    assert got == [*range(50), -1]
+    ids = np.asarray([f"id-{i}" for i in range(50)])
+    monkeypatch.setattr(builtins, "hash", lambda _x: 7)
+    for array in (ids, compact_ids(ids)):
+        index = IdIndex(array, small=0)
+        assert len(index._overflow) == 50 - catalog._BUCKET_SLOTS
+        assert index.lookup([*ids.tolist(), "nope"]).tolist() == [*range(50), -1]
+        assert [index.get(i) for i in ids.tolist()] == list(range(50))
+        assert index.get("nope") is None
+
+
+@pytest.mark.parametrize("one_hash", [False, True])
+def test_ids_longer_than_the_stored_ones_do_not_match_a_prefix(
+    one_hash: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With one hash for every id, only the comparison with the stored id tells a
+    longer id from its stored prefix."""
+    import builtins
+
+    if one_hash:
+        monkeypatch.setattr(builtins, "hash", lambda _x: 7)
+    ids = np.asarray([f"sku-{i:04d}" for i in range(5)])  # one bucket, sku-0004 last
+    for array in (ids, compact_ids(ids)):
+        index = IdIndex(array, small=0)
+        queries = ["sku-0001", "sku-00042", "sku-0004x", "sku-000", "ṡku-0001"]
+        assert index.lookup(queries).tolist() == [1, -1, -1, -1, -1]
+        index.add("ṡku-0001", 5)  # a live id need not be ASCII
+        assert index.lookup(queries).tolist() == [1, -1, -1, -1, 5]
 
 
 def test_recently_looked_up_ids_answer_from_memory_and_stay_right() -> None:
-    from server.domain import catalog
-
     ids = np.asarray([f"sku-{i}" for i in range(500)])
     index = IdIndex(compact_ids(ids), small=0)
     batch = ["sku-7", "sku-3", "new-1", "sku-499"]

@@ -9,7 +9,6 @@ only on the event loop thread, the same thread that serves requests.
 from __future__ import annotations
 
 import mmap
-import operator
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -28,6 +27,10 @@ _BUILD_CHUNK = 8_192  # ids per C call at load (each holds the GIL ~2 ms)
 SMALL_ID_INDEX = 100_000  # up to this many ids, a dict (fastest per id; ~100 B per id)
 _RECENT_IDS = 50_000  # rows of recently looked-up ids kept by a large IdIndex (~5 MB)
 _RECENT_BATCH = 200  # lookups of up to this many ids (live lists, seeds) go through them
+_BUCKET_SLOTS = 8  # a large IdIndex's bucket: 8 int64 slots, one 64-byte cache line
+_BUCKET_FILL = 4  # ids per bucket on average (~0.7% spill from full buckets at 1M)
+_EMPTY = -1  # no slot is -1: rows are below 2**31
+_ROW_BITS = 0xFFFFFFFF
 
 
 def compact_ids(ids: npt.NDArray[np.str_]) -> npt.NDArray[np.str_ | np.bytes_]:
@@ -63,10 +66,11 @@ def release(array: npt.NDArray[Any]) -> None:
 
 class IdIndex:
     """String id -> row. Small indexes (shoppers) are a dict; large ones (a 1M-item
-    catalog) a sorted array of the ids' 64-bit hashes, searched in numpy and verified
-    against the ids themselves: no per-id Python objects, no second copy of the ids
-    (16 bytes per id), and a 500-id lookup costs a hash per id instead of a binary
-    search over strings. Rows added live go to a dict."""
+    catalog) a table of 8-slot hash buckets, searched in numpy and verified against the
+    ids themselves: no per-id Python objects, no second copy of the ids (16 bytes per
+    id), and a 500-id lookup reads one 64-byte bucket per id instead of binary-searching
+    a sorted array (~10 cache misses per id: 330 of 720 us after an idle gap, the
+    whole lookup now 440 us). Rows added live go to a dict."""
 
     def __init__(self, ids: npt.NDArray[np.str_ | np.bytes_], small: int = SMALL_ID_INDEX) -> None:
         """`ids` are str, or ASCII ids as bytes (`compact_ids`)."""
@@ -94,8 +98,31 @@ class IdIndex:
             part = self._ids[start : start + _BUILD_CHUNK].tolist()
             hashes[start : start + len(part)] = np.fromiter(map(hash, part), np.int64, len(part))
             time.sleep(0)
-        self._order = np.argsort(hashes, kind="stable").astype(np.int64)
-        self._hashes = hashes[self._order]
+        # CPython hashes an ASCII str and its bytes alike, so a request's ids (already
+        # hashed by validation, the hash cached on each str) need no encoding.
+        self._encode = self._bytes and hash(self._ids[0].decode()) != int(hashes[0])
+        # ~4 ids per bucket of 8 slots; a slot holds the hash's high 32 bits over the row.
+        n_buckets = 1
+        while n_buckets * _BUCKET_FILL < self._n:
+            n_buckets <<= 1
+        self._mask = n_buckets - 1
+        bucket = hashes & self._mask
+        order = np.argsort(bucket, kind="stable")
+        sorted_buckets = bucket[order]
+        slot = np.arange(self._n) - np.searchsorted(sorted_buckets, sorted_buckets)
+        fits = slot < _BUCKET_SLOTS
+        self._table = np.full((n_buckets, _BUCKET_SLOTS), _EMPTY, dtype=np.int64)
+        placed = order[fits]
+        self._table[sorted_buckets[fits], slot[fits]] = (hashes[placed] >> 32 << 32) | placed
+        # Ids of full buckets (~0.7% at 1M): a dict, read only when a bucket is full.
+        spilled = order[~fits]
+        self._overflow: dict[Any, int] = dict(
+            zip(self._ids[spilled].tolist(), spilled.tolist(), strict=True)
+        )
+        width = ids.dtype.itemsize if self._bytes else ids.dtype.itemsize // 4
+        # One character wider than the stored ids: a longer request id cannot be cut
+        # down to a stored one and compare equal.
+        self._wanted = np.dtype(f"{ids.dtype.kind}{width + 1}")
 
     def __len__(self) -> int:
         return self._n + len(self._live)
@@ -125,31 +152,30 @@ class IdIndex:
         return rows
 
     def _hashed(self, ids: Sequence[str], m: int) -> npt.NDArray[np.int64]:
-        listed: list[Any] = [i.encode() for i in ids] if self._bytes else list(ids)
-        hq = np.fromiter(map(hash, listed), dtype=np.int64, count=m)
-        # Search in ascending order: numpy narrows each search with the previous one, so
-        # 500 searches touch far fewer cold cache lines of the 8 MB array (3.5x faster).
-        by_hash = np.argsort(hq)
-        pos = np.empty(m, dtype=np.int64)
-        pos[by_hash] = np.searchsorted(self._hashes, hq[by_hash])
-        pos = np.minimum(pos, self._n - 1)
-        rows = self._order[pos]
-        same = self._hashes[pos] == hq
-        found = np.fromiter(map(operator.eq, self._ids[rows].tolist(), listed), bool, count=m)
-        found &= same
-        rows = np.where(found, rows, -1)
-        # Hash collisions (about one pair in 10^7 at 1M ids): check the equal-hash run.
-        for i in np.flatnonzero(same & ~found).tolist():
-            j = int(pos[i])
-            while j < self._n and self._hashes[j] == hq[i]:
-                if self._ids[self._order[j]] == listed[i]:
-                    rows[i] = self._order[j]
-                    break
-                j += 1
-        if self._live:
-            for i in np.flatnonzero(rows < 0).tolist():
-                rows[i] = self._live.get(ids[i], -1)
+        try:
+            wanted = np.array(ids, dtype=self._wanted)
+        except UnicodeEncodeError:  # not ASCII, so not in this index: maybe a live row
+            return np.fromiter((self._row(i) for i in ids), dtype=np.int64, count=m)
+        keys: Any = [i.encode() for i in ids] if self._encode else ids
+        hq = np.fromiter(map(hash, keys), dtype=np.int64, count=m)
+        slots = self._table[hq & self._mask]
+        hit, at = np.nonzero((slots >> 32) == (hq >> 32)[:, None])
+        rows = np.full(m, -1, dtype=np.int64)
+        rows[hit] = slots[hit, at] & _ROW_BITS
+        matched = rows >= 0
+        rows = np.where(matched & (self._ids[rows] == wanted), rows, -1)
+        # Rare: a full bucket (the id may have spilled), a 32-bit hash match that was
+        # another id, or a row added live.
+        unresolved = rows < 0
+        if not self._live:
+            unresolved &= matched | (slots[:, -1] != _EMPTY)
+        for i in np.flatnonzero(unresolved).tolist():
+            rows[i] = self._row(ids[i])
         return rows
+
+    def _row(self, one: str) -> int:
+        found = self.get(one)
+        return -1 if found is None else found
 
     def get(self, one: str) -> int | None:
         if self._small is not None:
@@ -158,12 +184,17 @@ class IdIndex:
         # One id (UpsertItems, events): scalar steps, not lookup()'s ~10 array calls.
         key: Any = one.encode() if self._bytes else one
         h = hash(key)
-        pos = int(self._hashes.searchsorted(h))
-        while pos < self._n and int(self._hashes[pos]) == h:
-            row = int(self._order[pos])
-            if self._ids[row] == key:
+        slots = self._table[h & self._mask].tolist()
+        for entry in slots:
+            if entry == _EMPTY:
+                break
+            row = entry & _ROW_BITS
+            if entry >> 32 == h >> 32 and self._ids[row] == key:
+                return int(row)
+        else:
+            row = self._overflow.get(key)
+            if row is not None:
                 return row
-            pos += 1
         return self._live.get(one)
 
     def add(self, item_id: str, row: int) -> None:
