@@ -35,9 +35,18 @@ MAX_TEXT_CHARS = 256
 
 _COUNTRY = re.compile(r"[A-Z]{2}")
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+_PRINTABLE_ASCII = bytes(range(0x20, 0x7F))
 _CURRENCY = re.compile(r"[A-Z]{3}")
 _DEVICES = frozenset(pb.RequestContext.Device.values())
 _PLACEMENTS = frozenset(pb.RequestContext.Placement.values())
+
+
+def _has_control(value: str) -> bool:
+    """Whether `value` holds a control character. ASCII text (nearly every id) is
+    checked by deleting the printable bytes, ~10x faster than the regex's scan."""
+    if value.isascii():
+        return bool(value.encode("ascii").translate(None, _PRINTABLE_ASCII))
+    return _CONTROL.search(value) is not None
 
 
 class InvalidRequest(ValueError):
@@ -52,7 +61,7 @@ class InvalidRequest(ValueError):
 def _text(field: str, value: str, limit: int = MAX_TEXT_CHARS) -> str:
     if len(value) > limit:
         raise InvalidRequest(field, f"must be at most {limit} characters, got {len(value)}")
-    if _CONTROL.search(value):
+    if _has_control(value):
         raise InvalidRequest(field, "must not contain control characters")
     return value
 
@@ -74,12 +83,11 @@ def _ids(
     # Whole-list checks in C first (500 ids one character at a time cost ~1 ms); the
     # loop below runs only to name the first offending entry.
     listed = list(values)  # a protobuf repeated field makes new str objects per pass
-    unique_values = tuple(dict.fromkeys(listed))
-    lengths = list(map(len, listed))
+    unique_values = tuple(dict.fromkeys(listed))  # hashes each id (cached for the lookup)
     if (
-        min(lengths) > 0
-        and max(lengths) <= chars
-        and not _CONTROL.search("".join(listed))
+        "" not in unique_values
+        and max(map(len, unique_values)) <= chars
+        and not _has_control("".join(unique_values))
         and (not unique or len(unique_values) == len(listed))
     ):
         return unique_values
