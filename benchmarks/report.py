@@ -60,12 +60,14 @@ def evaluate_targets(r: dict[str, Any]) -> list[dict[str, Any]]:
         )
     for k, v in ratios.items():
         if k.startswith("qps_c"):
+            cpu = ratios.get(k.replace("qps_", "cpu_per_call_"))
             out.append(
                 _target(
                     f"{k.replace('_', ' ')} (per process)",
                     v,
                     f">= {QPS_RATIO_TARGET}",
                     v >= QPS_RATIO_TARGET,
+                    f"server CPU per call {cpu:.1f}x the echo's" if cpu is not None else "",
                 )
             )
     for s in r.get("scenarios", []):
@@ -168,6 +170,7 @@ def print_report(r: dict[str, Any]) -> None:
         "max",
         "server p50",
         "server p99",
+        "server CPU/call",
         "errors",
     ):
         t.add_column(col, justify="left" if col == "scenario" else "right")
@@ -191,6 +194,7 @@ def print_report(r: dict[str, Any]) -> None:
             _fmt(e["max"]),
             _fmt(h.get("p50_us")),
             _fmt(h.get("p99_us")),
+            _fmt(s["e2e"].get("server_cpu_us_per_call")),
             _fmt(sum(s["e2e"]["errors"].values())) if s["e2e"]["errors"] else "0",
         )
     console.print(t)
@@ -335,8 +339,9 @@ def to_markdown(r: dict[str, Any]) -> str:
         out.append(f"| {g['name']} | {shown}{detail} | {g['target']} | {met} |")
     out += [
         "",
-        "| scenario | QPS | e2e p50 | p90 | p99 | p99.9 | max | server p50 | server p99 | errors |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| scenario | QPS | e2e p50 | p90 | p99 | p99.9 | max | server p50 | server p99 | "
+        "server CPU/call | errors |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     rows = list(r.get("scenarios", []))
     workers = _ok(r.get("workers"))
@@ -350,7 +355,8 @@ def to_markdown(r: dict[str, Any]) -> str:
         out.append(
             f"| {s['name']} | {_fmt(s['e2e']['achieved_qps'])} | {_fmt(e['p50'])} | "
             f"{_fmt(e['p90'])} | {_fmt(e['p99'])} | {_fmt(e['p999'])} | {_fmt(e['max'])} | "
-            f"{_fmt(h.get('p50_us'))} | {_fmt(h.get('p99_us'))} | {errors} |"
+            f"{_fmt(h.get('p50_us'))} | {_fmt(h.get('p99_us'))} | "
+            f"{_fmt(s['e2e'].get('server_cpu_us_per_call'))} | {errors} |"
         )
     sel = _rows(r.get("selectivity"))
     if sel:

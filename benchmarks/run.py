@@ -29,7 +29,7 @@ from benchmarks.catalog import CatalogSpec, ensure_catalog
 from benchmarks.loadgen import SERVICE, LoadClient, LoadOutcome, LoadSpec
 from benchmarks.options import add_arguments
 from benchmarks.promscrape import HANDLING, RETRIEVAL, Scrape, scrape
-from benchmarks.servers import ServerProcess, start_echo, start_endcap
+from benchmarks.servers import ServerProcess, start_echo, start_endcap, tree
 from benchmarks.workload import Planned, Workload, level_label
 from endcap.v1 import recommender_pb2 as pb
 
@@ -137,6 +137,7 @@ class Bench:
             rate_qps=rate,
             channels=channels or max(1, min(concurrency, 8) if mode == "closed" else 4),
             warmup_s=warmup_s,
+            server_pids=tuple(tree(server.pid)),
         )
         out = self.client.run(spec, procs=procs)
         diff = None
@@ -344,6 +345,11 @@ def run_main(b: Bench, args: argparse.Namespace) -> dict[str, Any]:
             ),
             f"qps_c{c}_vs_echo": round(sc.qps / max(ec.qps, 1e-9), 3),
         }
+        cpu, echo_cpu = sc.server_cpu(), ec.server_cpu()
+        if cpu and echo_cpu:  # the serving process's CPU per call against the echo's
+            out["ratios"][f"cpu_per_call_c{c}_vs_echo"] = round(
+                cpu["server_cpu_us_per_call"] / echo_cpu["server_cpu_us_per_call"], 3
+            )
 
         if "sweep" not in b.skip:
             b.section(out, "selectivity", lambda: run_sweep(b, server, engine, sweep, args))

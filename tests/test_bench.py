@@ -7,6 +7,8 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -18,7 +20,7 @@ from hypothesis import strategies as st
 
 from benchmarks import inproc
 from benchmarks.catalog import CatalogSpec, build_catalog
-from benchmarks.loadgen import check_loopback
+from benchmarks.loadgen import check_loopback, cpu_seconds
 from benchmarks.options import add_arguments
 from benchmarks.promscrape import HANDLING, parse
 from benchmarks.workload import Workload
@@ -241,6 +243,15 @@ def test_prometheus_histogram_diff_and_quantiles() -> None:
     assert after.codes("Recommend") == {"OK": 7.0}
 
 
+def test_server_cpu_is_read_from_proc() -> None:
+    before = cpu_seconds([os.getpid()])
+    end = time.process_time() + 0.05
+    while time.process_time() < end:
+        pass
+    assert cpu_seconds([os.getpid()]) - before >= 0.03
+    assert cpu_seconds([2**22 + 7]) == 0.0  # no such process: nothing counted
+
+
 def test_load_targets_must_be_loopback() -> None:
     for ok in ("127.0.0.1:5000", "localhost:1", "[::1]:80"):
         check_loopback(ok)
@@ -306,7 +317,10 @@ def test_bench_smoke(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
         assert row["server_side"]["handler"]["Recommend"]["count"] > 0
     assert r["live_events"]["accepted"] == 2500 and r["live_events"]["rejected"] == 0
     assert r["floors"]["echo_c1_p50_us_mean"] > 0
-    assert set(r["ratios"]) == {"e2e_c1_p50_vs_echo", "qps_c4_vs_echo"}
+    assert set(r["ratios"]) == {"e2e_c1_p50_vs_echo", "qps_c4_vs_echo", "cpu_per_call_c4_vs_echo"}
+    by_name = {s["name"]: s for s in r["scenarios"]}
+    for name in ("echo c=4 mix", "endcap c=4 mix"):
+        assert by_name[name]["e2e"]["server_cpu_us_per_call"] > 0, name
     assert r["open_loop"]["server"] and r["open_loop"]["echo"]
     rt = r["realtime"]
     assert rt["reload_under_load"]["reload_outcomes"] == {"OK": 5}
