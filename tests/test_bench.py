@@ -115,6 +115,14 @@ def test_partition_estimates_sum_to_the_filter_count(engine: Engine) -> None:
         if prep.flt.spec is not None and prep.flt.spec.include_categories:
             cats = list(prep.flt.spec.include_categories)
             assert (est[parts.category[cats].sum(axis=0) == 0] == 0).all()
+        # The lists kept as holding passing items are exactly those estimated to.
+        pe = prep.flt.partition_estimates(parts)
+        assert pe is not None
+        holding = np.flatnonzero(est > 0)
+        if pe.holding is None:
+            assert holding.shape[0] == est.shape[0]
+        else:
+            assert pe.holding.tolist() == holding.tolist()
 
 
 def test_partition_counts_follow_live_updates(engine: Engine) -> None:

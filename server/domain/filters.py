@@ -205,7 +205,9 @@ class Compiled:
         pe: PartitionEstimate | None = self.shared.get("partition_estimate")
         if pe is None or pe.partitions is not partitions:
             unscaled, total = partitions.unscaled_estimate(self.spec, self.source)
-            pe = PartitionEstimate(partitions, unscaled, total, np.flatnonzero(unscaled > 0))
+            holding = np.flatnonzero(unscaled > 0).astype(np.int32)
+            every = holding.shape[0] == unscaled.shape[0]
+            pe = PartitionEstimate(partitions, unscaled, total, None if every else holding)
             self.shared["partition_estimate"] = pe
         return pe
 
@@ -219,7 +221,9 @@ class PartitionEstimate:
     partitions: Partitions
     unscaled: npt.NDArray[np.float64]
     total: float  # unscaled.sum()
-    holding: npt.NDArray[np.int64]  # ascending partitions with unscaled > 0
+    # Ascending partitions with unscaled > 0; None when every partition has some (most
+    # filters but category ones): not kept, 16 KB per cached filter at 4,000 lists.
+    holding: npt.NDArray[np.int32] | None
 
 
 def _concat(parts: list[npt.NDArray[np.int64]]) -> npt.NDArray[np.int64]:

@@ -147,6 +147,7 @@ class IVFLayout:
     def __init__(self, ivf: faiss.IndexIVF) -> None:
         nlist = int(ivf.nlist)
         self.nlist = nlist
+        self.lists = np.arange(nlist, dtype=np.int64)
         self.centroids = np.ascontiguousarray(ivf.quantizer.reconstruct_n(0, nlist))
         invlists = ivf.invlists
         assert invlists is not None
@@ -264,8 +265,7 @@ class Retriever:
         pe = flt.partition_estimates(parts) if parts is not None else None
         if layout is None or pe is None:
             return None
-        holding = pe.holding
-        if holding.shape[0] == 0:
+        if pe.total <= 0:
             return np.empty(0, np.int64), np.empty(0, np.float32)
         # Passing items to scan: an unfiltered search scans ann_min_nprobe lists; a
         # filter passing a fraction s of the catalog needs fewer passing items for the
@@ -285,19 +285,21 @@ class Retriever:
         cs = layout.centroids @ query
         # Sort only the best-scoring lists that can reach the target (a few x its
         # expected count); sort them all only if those fall short. Most filters' items
-        # sit in every list: then the lists are the holding ones, no gather needed.
-        every = holding.shape[0] == layout.nlist
-        guess = 4 * math.ceil(target * holding.shape[0] / pe.total) + 16
-        order = holding
-        if guess < holding.shape[0]:
-            held = cs if every else cs[holding]
-            top = np.argpartition(held, held.shape[0] - guess)[-guess:]
-            top = top if every else holding[top]
+        # sit in every list: then no gather of the lists that hold them.
+        holding = pe.holding
+        n_holding = layout.nlist if holding is None else holding.shape[0]
+        guess = 4 * math.ceil(target * n_holding / pe.total) + 16
+        order: npt.NDArray[np.integer[Any]] = layout.lists if holding is None else holding
+        if guess < n_holding:
+            held = cs if holding is None else cs[holding]
+            top: npt.NDArray[np.integer[Any]] = np.argpartition(held, n_holding - guess)[-guess:]
+            if holding is not None:
+                top = holding[top]
             if float(est[top].sum()) >= target:
                 order = top
         order = order[np.argsort(-cs[order], kind="stable")]
         m = int(np.searchsorted(np.cumsum(est[order]), target * (1 - 1e-9))) + 1
-        lists = order[: min(m, order.shape[0])]
+        lists = order[: min(m, order.shape[0])].astype(np.int64, copy=False)
         return lists, cs[lists].astype(np.float32)
 
     def _ann(
