@@ -28,6 +28,7 @@ from server.domain.experiments import ExperimentConfigError
 from server.domain.retrieval import SearchTuning
 from server.domain.strategy import StrategyConfigError
 from server.domain.strategy import load as load_strategies
+from server.infra.memory import release_freed
 from server.infra.metrics import Metrics, default_metrics
 from server.infra.settings import Settings, SettingsError
 from server.infra.threads import limit_blas_threads
@@ -75,6 +76,7 @@ def load_engine(settings: Settings, path: Path | None = None) -> Engine:
         engine.smoke_test()
     except (ValueError, IndexError) as exc:
         raise ArtifactError(f"smoke query failed on {artifact.path}: {exc}") from exc
+    release_freed()
     return engine
 
 
