@@ -347,3 +347,34 @@ def test_bench_smoke(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
         "latency_by_selectivity.png",
     }
     assert any(t["name"].startswith("recall@20") for t in r["targets"])
+
+
+def test_a_filter_only_live_rows_pass_is_scanned_exactly(engine: Engine) -> None:
+    """No indexed item passes (a brand only live rows have): the per-list estimate is
+    all zeros, so the search must scan exactly, not ask FAISS to probe no lists (it
+    refuses nprobe 0). 2,100 rows: enough that the cost model tries the IVF first."""
+    from server.domain.filters import FilterSpec
+
+    cat = engine.catalog
+    leaf = next(c for c in cat.category_names if "/" in c)
+    items = [
+        (i, ItemUpdate(item_id=f"solo-{i}", category=leaf, brand="Solo Only", price=5.0))
+        for i in range(2_100)
+    ]
+    created, _, rejected = engine.upsert(items)
+    assert created == 2_100 and not rejected
+    retriever = engine.retriever
+    base = retriever.tuning
+    brand = cat.brand_names.index("Solo Only")
+    flt = cat.filters.compile(FilterSpec(brands=frozenset({brand})))
+    assert flt.estimate == 2_100
+    query = engine.vectors.take(np.array([0]))[0]
+    chosen = retriever.probes(query, flt)
+    assert chosen is not None and chosen[0].shape[0] == 0
+    try:
+        retriever.tuning = dataclasses.replace(base, exact_scan_max_items=0)  # IVF first
+        found = retriever.search(query, flt, 20)
+    finally:
+        retriever.tuning = base
+    assert found.plan == "exact" and found.ids.size == 20
+    assert set(cat.item_ids(found.ids)) <= {f"solo-{i}" for i in range(2_100)}

@@ -69,8 +69,8 @@ class IdIndex:
     catalog) a table of 8-slot hash buckets, searched in numpy and verified against the
     ids themselves: no per-id Python objects, no second copy of the ids (16 bytes per
     id), and a 500-id lookup reads one 64-byte bucket per id instead of binary-searching
-    a sorted array (~10 cache misses per id: 330 of 720 us after an idle gap, the
-    whole lookup now 440 us). Rows added live go to a dict."""
+    a sorted array (~10 cache misses per id: 330 of 600-720 us after an idle gap; the
+    whole lookup now takes 350-410 us). Rows added live go to a dict."""
 
     def __init__(self, ids: npt.NDArray[np.str_ | np.bytes_], small: int = SMALL_ID_INDEX) -> None:
         """`ids` are str, or ASCII ids as bytes (`compact_ids`)."""

@@ -312,6 +312,8 @@ class Retriever:
         chosen = self.probes(query, flt, boost)
         if chosen is not None and self._ivf is not None:
             lists, coarse = chosen
+            if lists.shape[0] == 0:  # no indexed item passes: only live rows can
+                return None
             assert self.layout is not None
             listed = float(self.layout.sizes[lists].sum())
             ann_ns = _NS_ANN_FIXED + _NS_PER_LIST * lists.shape[0] + _NS_PER_LISTED_ID * listed
