@@ -366,7 +366,7 @@ def test_a_filter_only_live_rows_pass_is_scanned_exactly(engine: Engine) -> None
     retriever = engine.retriever
     base = retriever.tuning
     brand = cat.brand_names.index("Solo Only")
-    flt = cat.filters.compile(FilterSpec(brands=frozenset({brand})))
+    flt = cat.filters.compile(FilterSpec(brands=(brand,)))
     assert flt.estimate == 2_100
     query = engine.vectors.take(np.array([0]))[0]
     chosen = retriever.probes(query, flt)
