@@ -174,13 +174,14 @@ class IdIndex:
         rows[hit] = slots[hit, at] & _ROW_BITS
         matched = rows >= 0
         rows = np.where(matched & (self._ids[rows] == wanted), rows, -1)
-        # Rare: a full bucket (the id may have spilled), a 32-bit hash match that was
-        # another id, or a row added live.
-        unresolved = rows < 0
-        if not self._live:
-            unresolved &= matched | (slots[:, -1] != _EMPTY)
-        for i in np.flatnonzero(unresolved).tolist():
+        # Rare: a full bucket (the id may have spilled) or a 32-bit hash match that was
+        # another id. Then rows added live: a dict read per id still unknown.
+        retry = (rows < 0) & (matched | (slots[:, -1] != _EMPTY))
+        for i in np.flatnonzero(retry).tolist():
             rows[i] = self._row(ids[i])
+        if self._live:
+            for i in np.flatnonzero(rows < 0).tolist():
+                rows[i] = self._live.get(ids[i], -1)
         return rows
 
     def _row(self, one: str) -> int:
