@@ -78,8 +78,9 @@ def test_category_filters_scan_more_passing_items(engine: Engine) -> None:
             for p in planned:
                 prep = inproc.prepare(engine, p)
                 parts = retriever.partitions(prep.flt)
-                est = prep.flt.partition_estimate(parts) if parts is not None else None
-                assert est is not None, level
+                pe = prep.flt.partition_estimates(parts) if parts is not None else None
+                assert pe is not None, level
+                est = pe.expected(prep.flt.estimate)
                 scanned = {}
                 for factor in (1.0, 2.0):
                     retriever.tuning = dataclasses.replace(base, ann_category_factor=factor)
@@ -107,8 +108,10 @@ def test_partition_estimates_sum_to_the_filter_count(engine: Engine) -> None:
         prep = inproc.prepare(engine, p)
         parts = engine.retriever.partitions(prep.flt)
         assert parts is not None
-        est = prep.flt.partition_estimate(parts)
-        assert est is not None and (est >= 0).all()
+        pe = prep.flt.partition_estimates(parts)
+        assert pe is not None
+        est = pe.expected(prep.flt.estimate)
+        assert (est >= 0).all()
         if prep.flt.estimate:
             assert est.sum() == pytest.approx(prep.flt.estimate, rel=1e-6)
         # A list with no item of a required category is never worth probing.
@@ -116,8 +119,6 @@ def test_partition_estimates_sum_to_the_filter_count(engine: Engine) -> None:
             cats = list(prep.flt.spec.include_categories)
             assert (est[parts.category[cats].sum(axis=0) == 0] == 0).all()
         # The lists kept as holding passing items are exactly those estimated to.
-        pe = prep.flt.partition_estimates(parts)
-        assert pe is not None
         holding = np.flatnonzero(est > 0)
         if pe.holding is None:
             assert holding.shape[0] == est.shape[0]

@@ -189,13 +189,6 @@ class Compiled:
                 self.memo["ids"] = ids
         return ids
 
-    def partition_estimate(self, partitions: Partitions) -> npt.NDArray[np.float64] | None:
-        """Expected passing items in each partition of `partitions`; None if unknown."""
-        pe = self.partition_estimates(partitions)
-        if pe is None:
-            return None
-        return pe.unscaled * (self.estimate / pe.total) if pe.total > 0 else pe.unscaled.copy()
-
     def partition_estimates(self, partitions: Partitions) -> PartitionEstimate | None:
         """The per-partition estimates before rescaling to this filter's count, and what
         list choice derives from them; None if unknown."""
@@ -224,6 +217,10 @@ class PartitionEstimate:
     # Ascending partitions with unscaled > 0; None when every partition has some (most
     # filters but category ones): not kept, 16 KB per cached filter at 4,000 lists.
     holding: npt.NDArray[np.int32] | None
+
+    def expected(self, estimate: int) -> npt.NDArray[np.float64]:
+        """Expected passing items per partition for a filter passing `estimate` items."""
+        return self.unscaled * (estimate / self.total) if self.total > 0 else self.unscaled.copy()
 
 
 def _concat(parts: list[npt.NDArray[np.int64]]) -> npt.NDArray[np.int64]:
